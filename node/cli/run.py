@@ -1,0 +1,79 @@
+"""`gossiptrain run`: start one node (join a swarm with --initial-peer, or start a new one)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import typing
+
+import uvloop
+
+from node.config import FIELDS, ConfigError, NodeConfig, load_toml, merge_config
+
+EXIT_CONFIG = 2  # bad configuration or manifest mismatch: retrying will not help
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per NodeConfig field; unset flags stay None so env/file/defaults show through."""
+    hints = typing.get_type_hints(NodeConfig)
+    for name in FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = hints[name]
+        if kind == list[str]:
+            singular = {"initial_peers": "--initial-peer", "data": "--data", "announce": "--announce"}[name]
+            parser.add_argument(singular, dest=name, action="append", default=None, metavar="VALUE",
+                                help=f"{name} (repeatable)")
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=f"default: {FIELDS[name].default!r}")
+
+
+def add_parser(verbs: argparse._SubParsersAction) -> None:
+    parser = verbs.add_parser("run", help="run one node", description=__doc__)
+    parser.add_argument("--config", default=os.environ.get("GOSSIPTRAIN_CONFIG"), help="TOML config file")
+    add_config_flags(parser)
+    parser.set_defaults(handler=main)
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    file_values = load_toml(args.config) if args.config else {}
+    return merge_config({name: getattr(args, name) for name in FIELDS}, os.environ, file_values)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    for noisy in ("hivemind", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
+
+
+async def run_node(cfg: NodeConfig) -> int:
+    from node.daemon import JoinError, Node
+    from node.membership import ManifestMismatch
+
+    try:
+        node = await Node.create(cfg)
+    except ManifestMismatch as error:
+        print(f"gossiptrain: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except JoinError as error:
+        print(f"gossiptrain: error: {error}", file=sys.stderr)
+        return 1
+    node.install_signal_handlers()
+    await node.run()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as error:
+        print(f"gossiptrain: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.log_level)
+    return uvloop.run(run_node(cfg))

@@ -1,0 +1,193 @@
+"""Node configuration: one typed dataclass, filled from flags > env > TOML file > defaults.
+
+Every field can be set as a TOML key (``sync_timeout = 8``), an environment variable
+(``GOSSIPTRAIN_SYNC_TIMEOUT=8``) or a flag (``--sync-timeout 8``). The merge is a pure
+function so the precedence rule is tested without a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "GOSSIPTRAIN_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, malformed or out of range."""
+
+
+@dataclass
+class NodeConfig:
+    # --- swarm and identity ---
+    run_id: str = "gossiptrain-default"
+    initial_peers: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce: list[str] = field(default_factory=list)
+    identity: str = ""
+    work_dir: str = "./gossiptrain-node"
+    # --- compute ---
+    device: str = "auto"
+    threads: int = 0
+    # --- model (part of the run manifest) ---
+    seed: int = 0
+    context: int = 64
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    # --- data ---
+    data: list[str] = field(default_factory=list)
+    shard: int = -1
+    num_shards: int = 16
+    batch_size: int = 8
+    eval_batches: int = 8
+    # --- inner optimizer (part of the manifest) ---
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    lr_schedule_steps: int = 5000
+    # --- outer step (NoLoCo; part of the manifest) ---
+    sync: str = "noloco"
+    inner_steps: int = 50
+    alpha: float = 0.5
+    beta: float = 0.7
+    gamma: float = 0.7
+    # --- gossip ---
+    rounds: int = 0
+    sync_timeout: float = 10.0
+    io_timeout: float = 5.0
+    max_staleness: int = 2
+    heartbeat: float = 2.0
+    presence_ttl: float = 6.0
+    max_frame_bytes: int = 8 * 2**20
+    chunk_bytes: int = 2 * 2**20
+    # --- observability ---
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400
+    log_level: str = "info"
+
+    def validate(self) -> "NodeConfig":
+        """Raise ConfigError on values that cannot work; return self for chaining."""
+        checks: list[tuple[bool, str]] = [
+            (self.sync in ("noloco", "local"), f"sync must be 'noloco' or 'local', got {self.sync!r}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
+            (self.inner_steps >= 1, "inner_steps must be >= 1"),
+            (self.rounds >= 0, "rounds must be >= 0 (0 runs until stopped)"),
+            (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
+            (min(self.context, self.d_model, self.n_layers, self.n_heads, self.batch_size) >= 1,
+             "context, d_model, n_layers, n_heads and batch_size must be >= 1"),
+            (self.num_shards >= 1 and -1 <= self.shard < self.num_shards,
+             "shard must be -1 (auto) or in [0, num_shards)"),
+            (self.sync_timeout > 0 and self.io_timeout > 0, "timeouts must be > 0"),
+            (self.heartbeat > 0 and self.presence_ttl > self.heartbeat,
+             "presence_ttl must exceed heartbeat"),
+            (0 <= self.alpha < 1 and self.beta > 0 and self.gamma > 0, "need 0 <= alpha < 1, beta > 0, gamma > 0"),
+            (self.chunk_bytes >= 1024 and self.max_frame_bytes >= self.chunk_bytes + 1024,
+             "max_frame_bytes must exceed chunk_bytes by at least 1 KiB"),
+            (self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug/info/warning/error"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def manifest(self, data_fingerprint: str, protocol_version: int) -> dict[str, Any]:
+        """Everything that must be identical for two nodes to average their models."""
+        return {
+            "protocol_version": protocol_version,
+            "run_id": self.run_id,
+            "model": {"arch": "byte-gpt", "vocab": 256, "context": self.context, "d_model": self.d_model,
+                      "n_layers": self.n_layers, "n_heads": self.n_heads, "seed": self.seed},
+            "data": data_fingerprint,
+            "inner": {"optimizer": "adamw", "lr": self.lr, "weight_decay": self.weight_decay,
+                      "grad_clip": self.grad_clip, "warmup_steps": self.warmup_steps,
+                      "lr_schedule_steps": self.lr_schedule_steps, "batch_size": self.batch_size},
+            "outer": {"sync": self.sync, "inner_steps": self.inner_steps,
+                      "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma},
+        }
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_HINTS = typing.get_type_hints(NodeConfig)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a raw value (TOML value or env string) to the field's type."""
+    kind = _HINTS[name]
+    try:
+        if kind == list[str]:
+            if isinstance(value, str):
+                return [item.strip() for item in value.split(",") if item.strip()]
+            if isinstance(value, list) and all(isinstance(item, str) for item in value):
+                return list(value)
+            raise TypeError
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+                return value.lower() in ("1", "true", "yes")
+            raise TypeError
+        if isinstance(value, bool):
+            raise TypeError  # TOML true is not an int
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is str:
+            if not isinstance(value, (str, int, float)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{source}: {name} expects {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; keys may use dashes or underscores."""
+    try:
+        with open(path, "rb") as file:
+            raw = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    table = raw.get("node", raw) if isinstance(raw.get("node"), dict) else raw
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """GOSSIPTRAIN_* variables that name a config field (others, like GOSSIPTRAIN_CONFIG, are ignored)."""
+    values = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX):].lower()
+            if name in FIELDS:
+                values[name] = value
+    return values
+
+
+def merge_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    file_values: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build a NodeConfig with precedence flag > env > file > default. None values are unset."""
+    merged: dict[str, Any] = {}
+    layers = (("config file", file_values or {}), ("environment", env_values(environ or {})), ("flag", flags or {}))
+    for source, layer in layers:
+        for name, value in layer.items():
+            if name not in FIELDS:
+                raise ConfigError(f"{source}: unknown setting {name!r}")
+            if value is None:
+                continue
+            merged[name] = _coerce(name, value, source)
+    return NodeConfig(**merged).validate()

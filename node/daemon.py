@@ -1,0 +1,245 @@
+"""One node's life: start -> join -> run rounds -> leave.
+
+The event loop (uvloop) owns the network: p2pd, the DHT, gossip and metrics. The
+trainer runs on its own thread behind a single-worker executor; the loop only awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from protocol import PROTOCOL_VERSION, manifest_hash
+
+from node import __version__
+from node.config import NodeConfig
+from node.data import load_corpus
+from node.gossip import Gossip, GossipSettings
+from node.membership import Membership, ManifestMismatch
+from node.metrics import NodeMetrics
+from node.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+
+
+class JoinError(RuntimeError):
+    """The node could not join the swarm (bootstrap failed, manifest mismatch)."""
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic small-file write: readers (the swarm launcher, tests) never see half a file."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    os.replace(temporary, path)
+
+
+class Node:
+    """Use `await Node.create(cfg)`, then `await node.run()`; `node.request_stop()` ends it cleanly."""
+
+    def __init__(self) -> None:
+        raise TypeError("use `await Node.create(config)`")
+
+    @classmethod
+    async def create(cls, cfg: NodeConfig) -> "Node":
+        self = object.__new__(cls)
+        self.cfg = cfg
+        self.work_dir = Path(cfg.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.loop = asyncio.get_running_loop()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer")
+        self.stop_event = asyncio.Event()
+        self.round = 0
+        self.eval_loss: float | None = None
+        self.initial_eval_loss: float | None = None
+        self.started_at = time.time()
+        self.p2p = self.dht = None
+        self.tasks: list[asyncio.Task] = []
+
+        corpus = await self._compute(load_corpus, cfg.data or None)
+        manifest = cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION)
+        self.manifest_hash = manifest_hash(manifest)
+        try:
+            self.p2p = await P2P.create(
+                initial_peers=cfg.initial_peers or None,
+                host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
+                announce_maddrs=cfg.announce or None,
+                identity_path=cfg.identity or None,
+                startup_timeout=STARTUP_TIMEOUT,
+            )
+            self.dht = await asyncio.wait_for(
+                DHTNode.create(p2p=self.p2p, initial_peers=cfg.initial_peers or None, cache_locally=False),
+                STARTUP_TIMEOUT,
+            )
+        except (asyncio.TimeoutError, TimeoutError) as error:
+            await self._close_network()
+            raise JoinError(f"p2p/DHT start-up took over {STARTUP_TIMEOUT:.0f}s") from error
+        except Exception as error:
+            await self._close_network()
+            raise JoinError(
+                f"could not join through {cfg.initial_peers or 'no initial peers'}: {error} "
+                "(check the multiaddrs, that the peers are up, and that clocks agree within ~3 s)"
+            ) from error
+        self.peer_id = self.p2p.peer_id.to_base58()
+        self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
+        self.membership = Membership(self.dht, cfg.run_id, self.peer_id, self.manifest_hash, cfg.presence_ttl)
+        try:
+            joined_existing = await self.membership.check_manifest()
+        except ManifestMismatch:
+            await self._close_network()
+            raise
+
+        digest = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{self.peer_id}".encode()).digest()[:8], "big")
+        shard = cfg.shard if cfg.shard >= 0 else digest % cfg.num_shards
+        self.trainer = await self._compute(Trainer, cfg, corpus, shard, digest)
+
+        self.metrics = NodeMetrics()
+        self.metrics.info.info({"version": __version__, "peer_id": self.peer_id, "run_id": cfg.run_id,
+                                "manifest": self.manifest_hash[:16], "sync": cfg.sync,
+                                "device": str(self.trainer.device)})
+        self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port >= 0 else None
+
+        self.gossip = Gossip(
+            self.p2p, self.membership, self.metrics,
+            GossipSettings(
+                run_id=cfg.run_id, manifest_hash=self.manifest_hash, numel=self.trainer.numel,
+                tensor_names=self.trainer.tensor_names(), max_staleness=cfg.max_staleness,
+                io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
+            ),
+            random.Random(digest),
+        )
+        await self.gossip.start()
+        await self.membership.heartbeat(self.round, None, self.maddrs)
+
+        logger.info(
+            "node %s up: %s swarm %r, shard %d/%d, %d parameters on %s, metrics on %s",
+            self.peer_id, "joined" if joined_existing else "started", cfg.run_id, shard, cfg.num_shards,
+            self.trainer.numel, self.trainer.device, self.metrics_port,
+        )
+        for maddr in self.maddrs:
+            logger.info("others join with: --initial-peer %s", maddr)
+        self._write_status("running")
+        return self
+
+    async def _compute(self, function: Callable, *args: Any) -> Any:
+        """Run blocking work on the trainer thread; the event loop stays free."""
+        return await self.loop.run_in_executor(self.executor, function, *args)
+
+    # ------------------------------------------------------------------ lifecycle
+    def request_stop(self) -> None:
+        if not self.stop_event.is_set():
+            logger.info("stop requested: finishing the current phase")
+            self.stop_event.set()
+            self.trainer.interrupt.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.stop_event.is_set():
+            logger.warning("second signal: exiting now")
+            os._exit(1)
+        self.request_stop()
+
+    async def run(self) -> dict[str, Any]:
+        self.tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
+        try:
+            self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
+            self.metrics.eval_loss.set(self.eval_loss)
+            while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.round < self.cfg.rounds):
+                await self._run_round()
+        finally:
+            summary = await self._leave()
+        return summary
+
+    async def _run_round(self) -> None:
+        stats = await self._compute(self.trainer.run_round)
+        m = self.metrics
+        m.inner_steps.inc(stats.steps)
+        m.tokens.inc(stats.tokens)
+        m.train_loss.set(stats.mean_loss)
+        m.round_seconds.observe(stats.seconds)
+
+        partner, tensors, waited = None, None, 0.0
+        if self.cfg.sync == "noloco" and not self.stop_event.is_set():
+            outgoing = await self._compute(self.trainer.outgoing_tensors)
+            outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
+            partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
+        m.sync_wait_seconds.observe(waited)
+        distance = await self._compute(self.trainer.apply_outer_step, tensors)
+        if distance is not None:
+            m.partner_distance.set(distance)
+        m.outer_rounds.labels(mode="paired" if partner else "local").inc()
+        self.round += 1
+        m.round.set(self.round)
+        self.eval_loss = await self._compute(self.trainer.evaluate)
+        m.eval_loss.set(self.eval_loss)
+        logger.info(
+            "round %d  loss %.3f  eval %.3f  %5.0f tok/s  partner %s  wait %.2fs",
+            self.round, stats.mean_loss, self.eval_loss, stats.tokens / max(stats.seconds, 1e-9),
+            partner[-8:] if partner else "-", waited,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.membership.heartbeat(self.round, self.eval_loss, self.maddrs)
+                self.metrics.peers_live.set(len(self.membership.live))
+            except Exception as error:  # noqa: BLE001 - a failed heartbeat is retried next period
+                logger.warning("heartbeat failed: %s", error)
+            await asyncio.sleep(self.cfg.heartbeat)
+
+    async def _leave(self) -> dict[str, Any]:
+        self.gossip.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        state = await self._compute(self.trainer.state_for_save)
+        state.update(round=self.round, peer_id=self.peer_id, manifest=self.manifest_hash)
+        await self._compute(torch.save, state, self.work_dir / "final_state.pt")
+        summary = self.summary()
+        _write_json(self.work_dir / "summary.json", summary)
+        self._write_status("stopped")
+        await self._close_network()
+        self.executor.shutdown(wait=True)
+        logger.info("node %s left after %d rounds", self.peer_id, self.round)
+        return summary
+
+    async def _close_network(self) -> None:
+        if self.dht is not None:
+            await asyncio.wait_for(self.dht.shutdown(), 10)
+        if self.p2p is not None:
+            await asyncio.wait_for(self.p2p.shutdown(), 10)
+
+    def summary(self) -> dict[str, Any]:
+        exchanges = {
+            sample.labels["result"]: int(sample.value)
+            for metric in self.metrics.exchanges.collect() for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
+        return {
+            "peer_id": self.peer_id, "rounds": self.round, "initial_eval_loss": self.initial_eval_loss,
+            "eval_loss": self.eval_loss, "exchanges": exchanges, "peers_live": len(self.membership.live),
+            "seconds": time.time() - self.started_at,
+        }
+
+    def _write_status(self, status: str) -> None:
+        _write_json(self.work_dir / "node.json", {
+            "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
+            "metrics_port": self.metrics_port, "run_id": self.cfg.run_id, "manifest": self.manifest_hash,
+        })

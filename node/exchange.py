@@ -1,0 +1,68 @@
+"""The pair exchange itself: both sides stream their tensors full duplex, then confirm.
+
+Used by the gossip round (node/gossip.py) and by `gossiptrain bench exchange`, so the
+benchmark measures exactly the code path that training uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from protocol import ExchangeAck, TensorAssembler, TensorSpec, tensor_messages
+
+from node.transport import FrameStream
+
+
+class ExchangeAborted(RuntimeError):
+    """The partner finished the transfer but did not confirm it (it will not apply the average)."""
+
+
+def flat_spec(name: str, numel: int) -> TensorSpec:
+    return TensorSpec(name=name, dtype="float32", shape=(numel,))
+
+
+async def _send_all(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_bytes: int) -> None:
+    for name, array in outgoing.items():
+        spec = flat_spec(name, array.size)
+        for message in tensor_messages(spec, memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B"), chunk_bytes):
+            await stream.send(message)
+
+
+async def _receive_all(stream: FrameStream, expected: list[TensorSpec]) -> dict[str, np.ndarray]:
+    received = {}
+    for spec in expected:
+        buffer = bytearray(spec.nbytes)  # received in place: the partner's tensor is held once
+        assembler = TensorAssembler(spec, out=buffer)
+        done = False
+        while not done:
+            done = assembler.feed(await stream.recv())
+        received[spec.name] = assembler.array()
+    return received
+
+
+async def swap_tensors(
+    stream: FrameStream,
+    outgoing: dict[str, np.ndarray],
+    expected: list[TensorSpec],
+    chunk_bytes: int,
+) -> dict[str, np.ndarray]:
+    """Send ours while receiving theirs, then exchange acks; returns theirs only if both sides are ok.
+
+    Any error (ProtocolError, PeerGone, PeerTimeout, RemoteError) propagates after the
+    sender task is cancelled; the caller closes the stream.
+    """
+    sender = asyncio.ensure_future(_send_all(stream, outgoing, chunk_bytes))
+    try:
+        received = await _receive_all(stream, expected)
+        await sender
+    finally:
+        if not sender.done():
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+    await stream.send(ExchangeAck(ok=True, reason=""))
+    ack = await stream.recv(ExchangeAck)
+    if not ack.ok:
+        raise ExchangeAborted(f"partner did not confirm: {ack.reason}")
+    return received

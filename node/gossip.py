@@ -1,0 +1,296 @@
+"""Random-pair gossip: matchmaking and the pair exchange at each round boundary.
+
+A node whose round is done marks itself ready in the DHT and, until its sync deadline,
+asks uniformly random ready peers to pair. It is in at most one exchange at a time:
+ - while it waits, an incoming request is accepted (the requester becomes the partner);
+ - while its own request to X is in flight, a request from anyone but X is refused as
+   busy, and a crossing request from X itself is accepted only if X's peer id is the
+   lower one; X applies the same rule, so exactly one of the two requests wins.
+When the deadline passes without a completed exchange the round ends alone (local
+outer step). No step here waits without a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from hivemind.p2p import P2P, PeerID
+
+from protocol import (
+    ExchangeAccept,
+    ExchangeReject,
+    ExchangeRequest,
+    ProtocolError,
+    TensorShapeMismatch,
+    TensorDtypeMismatch,
+    InvalidField,
+)
+
+from node.exchange import ExchangeAborted, flat_spec, swap_tensors
+from node.membership import Membership
+from node.metrics import NodeMetrics
+from node.transport import FrameStream, PeerGone, PeerTimeout, RemoteError
+
+logger = logging.getLogger(__name__)
+
+EXCHANGE_PROTOCOL = "gossiptrain/exchange/1"
+POLL_INTERVAL = 0.2  # how often a waiting node re-reads the ready set
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    partner: str | None
+    tensors: dict[str, np.ndarray] | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GossipSettings:
+    run_id: str
+    manifest_hash: str
+    numel: int
+    tensor_names: tuple[str, ...]
+    max_staleness: int
+    io_timeout: float
+    max_frame_bytes: int
+    chunk_bytes: int
+
+
+def classify_failure(error: BaseException) -> str:
+    """Map an exchange failure to its exchanges_total{result} label."""
+    if isinstance(error, ProtocolError):
+        return "protocol_error"
+    if isinstance(error, (PeerTimeout, asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(error, ExchangeAborted):
+        return "aborted"
+    return "peer_gone"
+
+
+class Gossip:
+    def __init__(
+        self, p2p: P2P, membership: Membership, metrics: NodeMetrics, settings: GossipSettings, rng: random.Random
+    ) -> None:
+        self.p2p = p2p
+        self.membership = membership
+        self.metrics = metrics
+        self.settings = settings
+        self.peer_id = membership.peer_id
+        self.rng = rng
+        self.stopping = False
+        # state of the current round boundary; None/False while training
+        self._round: int | None = None
+        self._outgoing: dict[str, np.ndarray] | None = None
+        self._deadline = 0.0
+        self._requesting: str | None = None
+        self._incoming_task: asyncio.Task | None = None
+        self._paired: asyncio.Future | None = None
+        self._wakeup = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(EXCHANGE_PROTOCOL, self._handle_stream)
+
+    def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameStream:
+        return FrameStream(
+            reader, writer,
+            max_frame_bytes=self.settings.max_frame_bytes,
+            io_timeout=self.settings.io_timeout,
+            on_sent=self.metrics.bytes_sent.labels(kind="exchange").inc,
+            on_received=self.metrics.bytes_received.labels(kind="exchange").inc,
+        )
+
+    def _expected_specs(self) -> list:
+        return [flat_spec(name, self.settings.numel) for name in self.settings.tensor_names]
+
+    @property
+    def _busy(self) -> bool:
+        return self._requesting is not None or (self._incoming_task is not None and not self._incoming_task.done())
+
+    # ------------------------------------------------------------------ round boundary
+    async def sync_round(self, round_: int, outgoing: dict[str, np.ndarray], timeout: float) -> SyncOutcome:
+        """Find one partner and exchange with it, or give up at the deadline (partner None)."""
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._round, self._outgoing = round_, outgoing
+        self._deadline = started + timeout
+        self._paired = loop.create_future()
+        refused: set[str] = set()
+        try:
+            await self.membership.announce_ready(round_, ttl=timeout)
+            while not self._paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
+                if self._busy:
+                    await self._wait_for_news(remaining)
+                    continue
+                ready = await asyncio.wait_for(self.membership.ready_peers(), remaining)
+                if self._paired.done() or self._busy:
+                    continue
+                candidates = sorted(
+                    peer for peer, their_round in ready.items()
+                    if peer not in refused and abs(their_round - round_) <= self.settings.max_staleness
+                )
+                if not candidates:
+                    await self._wait_for_news(min(POLL_INTERVAL, remaining))
+                    continue
+                partner = self.rng.choice(candidates)
+                refused.add(partner)  # one try per peer per round; a refused peer is not hammered
+                received = await self._request(partner, round_)
+                if received is not None and not self._paired.done():
+                    self._paired.set_result((partner, received))
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        finally:
+            incoming = self._incoming_task
+            if incoming is not None and not incoming.done() and not self._paired.done():
+                incoming.cancel()  # deadline: abandon a half-done incoming exchange
+                await asyncio.gather(incoming, return_exceptions=True)
+            self._round, self._outgoing = None, None
+        elapsed = time.monotonic() - started
+        if self._paired.done() and not self._paired.cancelled():
+            partner, tensors = self._paired.result()
+            return SyncOutcome(partner, tensors, elapsed)
+        self.metrics.exchanges.labels(result="no_partner").inc()
+        return SyncOutcome(None, None, elapsed)
+
+    async def _wait_for_news(self, timeout: float) -> None:
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+
+    async def _request(self, partner: str, round_: int) -> dict[str, np.ndarray] | None:
+        """Ask `partner` to pair; on accept run the exchange. Returns its tensors or None."""
+        self._requesting = partner
+        stream: FrameStream | None = None
+        started = time.monotonic()
+        try:
+            remaining = self._deadline - time.monotonic()
+            async with asyncio.timeout(remaining):
+                _info, reader, writer = await asyncio.wait_for(
+                    self.p2p.call_binary_stream_handler(PeerID.from_base58(partner), EXCHANGE_PROTOCOL),
+                    self.settings.io_timeout,
+                )
+                stream = self._stream(reader, writer)
+                await stream.send(ExchangeRequest(
+                    run_id=self.settings.run_id, manifest_hash=self.settings.manifest_hash, round=round_,
+                    sender=self.peer_id, tensors=self.settings.tensor_names, numel=self.settings.numel,
+                    dtype="float32",
+                ))
+                reply = await stream.recv((ExchangeAccept, ExchangeReject))
+                if isinstance(reply, ExchangeReject) or self._paired.done() or self._busy_with_incoming():
+                    self.metrics.exchanges.labels(result="rejected").inc()
+                    logger.debug("%s refused pairing: %s", partner[-8:], getattr(reply, "reason", "we paired meanwhile"))
+                    return None
+                self._requesting = None
+                received = await swap_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes)
+            self._record_success(started)
+            return received
+        except ProtocolError as error:
+            self.metrics.protocol_errors.labels(kind=error.kind).inc()
+            self._record_failure(partner, error)
+            if stream is not None:
+                await stream.send_error(error)
+        except (PeerGone, PeerTimeout, RemoteError, ExchangeAborted, asyncio.TimeoutError, TimeoutError,
+                ConnectionError, OSError) as error:
+            self._record_failure(partner, error)
+        except Exception as error:  # noqa: BLE001 - p2pd control errors (unknown peer, dial failure)
+            self._record_failure(partner, error)
+        finally:
+            self._requesting = None
+            if stream is not None:
+                stream.close()
+        return None
+
+    def _busy_with_incoming(self) -> bool:
+        return self._incoming_task is not None and not self._incoming_task.done()
+
+    def _record_success(self, started: float) -> None:
+        self.metrics.exchanges.labels(result="ok").inc()
+        self.metrics.exchange_seconds.observe(time.monotonic() - started)
+
+    def _record_failure(self, partner: str, error: BaseException) -> None:
+        result = classify_failure(error)
+        self.metrics.exchanges.labels(result=result).inc()
+        logger.info("exchange with %s failed (%s): %s", partner[-8:], result, error or type(error).__name__)
+
+    # ------------------------------------------------------------------ incoming requests
+    async def _handle_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = self._stream(reader, writer)
+        sender = info.peer_id.to_base58()  # authenticated by libp2p, unlike any field in the request
+        exchange: asyncio.Task | None = None
+        try:
+            request = await stream.recv(ExchangeRequest)
+            self._validate_request(request, sender)
+            refusal = self._refusal(request)
+            if refusal is not None:
+                await stream.send(ExchangeReject(reason=refusal, round=self._round if self._round is not None else 0))
+                return
+            exchange = self._incoming_task = asyncio.ensure_future(self._serve_exchange(stream, sender, self._paired))
+            await exchange
+        except ProtocolError as error:
+            self.metrics.protocol_errors.labels(kind=error.kind).inc()
+            logger.warning("protocol error from %s: %s", sender[-8:], error)
+            if exchange is not None:
+                self.metrics.exchanges.labels(result="protocol_error").inc()
+            await stream.send_error(error)
+        except asyncio.CancelledError:
+            if exchange is None or not exchange.cancelled() or asyncio.current_task().cancelling():
+                raise  # we are shutting down, not just abandoning this exchange
+            self.metrics.exchanges.labels(result="timeout").inc()
+        except Exception as error:  # noqa: BLE001 - peer gone / timeout; the node carries on
+            if exchange is not None:
+                self._record_failure(sender, error)
+            else:
+                logger.debug("incoming stream from %s failed before a request: %s", sender[-8:], error)
+        finally:
+            stream.close()
+            if exchange is not None and self._incoming_task is exchange:
+                self._incoming_task = None
+            self._wakeup.set()
+
+    async def _serve_exchange(self, stream: FrameStream, sender: str, paired: asyncio.Future) -> None:
+        started = time.monotonic()
+        await stream.send(ExchangeAccept(round=self._round))
+        remaining = max(0.0, self._deadline - time.monotonic())
+        received = await asyncio.wait_for(
+            swap_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes), remaining
+        )
+        self._record_success(started)
+        if not paired.done():
+            paired.set_result((sender, received))
+
+    def _validate_request(self, request: ExchangeRequest, sender: str) -> None:
+        """A request for tensors this run does not have is malformed input, not a polite refusal."""
+        if request.sender != sender:
+            raise InvalidField(f"request claims sender {request.sender[:16]!r} but came from {sender}")
+        if request.dtype != "float32":
+            raise TensorDtypeMismatch(f"exchange dtype {request.dtype!r} is not float32")
+        if request.numel != self.settings.numel:
+            raise TensorShapeMismatch(f"exchange of {request.numel} parameters, this model has {self.settings.numel}")
+        if tuple(request.tensors) != self.settings.tensor_names:
+            raise InvalidField(f"tensors {list(request.tensors)} != {list(self.settings.tensor_names)}")
+
+    def _refusal(self, request: ExchangeRequest) -> str | None:
+        """Why this request cannot be served now (None: accept it)."""
+        if self.stopping:
+            return "shutting_down"
+        if request.run_id != self.settings.run_id or request.manifest_hash != self.settings.manifest_hash:
+            return "manifest"
+        if self._round is None or self._paired is None or self._paired.done():
+            return "not_ready"
+        if abs(request.round - self._round) > self.settings.max_staleness:
+            return "stale"
+        if self._busy_with_incoming():
+            return "busy"
+        if self._requesting is not None:
+            # crossing requests: the lower peer id's request wins on both sides
+            if not (self._requesting == request.sender and request.sender < self.peer_id):
+                return "busy"
+        if time.monotonic() >= self._deadline:
+            return "not_ready"
+        return None

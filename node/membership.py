@@ -1,0 +1,113 @@
+"""Swarm membership over hivemind's Kademlia DHT: presence, the live-peer view, the run manifest, readiness.
+
+Keys live under the run id:
+  {run}.manifest           the manifest hash every member must share (refreshed by every member)
+  {run}.peers  [peer id]   presence: round, manifest hash, addresses; expires after presence_ttl
+  {run}.ready  [peer id]   "my round r is done, pair with me"; expires after the sync deadline
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+DHT_TIMEOUT = 5.0  # one DHT get/store; a frozen neighbour must not hold us longer
+
+
+class ManifestMismatch(RuntimeError):
+    """This node's run manifest differs from the swarm's: they must not average models."""
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    peer_id: str
+    round: int
+    manifest: str
+    eval_loss: float | None
+    expiration: float
+
+
+class Membership:
+    def __init__(self, dht: DHTNode, run_id: str, peer_id: str, manifest_hash: str, presence_ttl: float) -> None:
+        self.dht = dht
+        self.peer_id = peer_id
+        self.manifest_hash = manifest_hash
+        self.presence_ttl = presence_ttl
+        self.keys = {name: f"{run_id}.{name}" for name in ("manifest", "peers", "ready")}
+        self.live: dict[str, PeerRecord] = {}
+
+    async def _get(self, key: str) -> Any:
+        try:
+            found = await asyncio.wait_for(self.dht.get(self.keys[key], latest=True), DHT_TIMEOUT)
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning("DHT get %s timed out after %.0fs", self.keys[key], DHT_TIMEOUT)
+            return None
+        return None if found is None else found.value
+
+    async def _store(self, key: str, value: Any, ttl: float, subkey: str | None = None) -> bool:
+        try:
+            return bool(await asyncio.wait_for(
+                self.dht.store(self.keys[key], value, get_dht_time() + ttl, subkey=subkey), DHT_TIMEOUT
+            ))
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning("DHT store %s timed out after %.0fs", self.keys[key], DHT_TIMEOUT)
+            return False
+
+    async def check_manifest(self) -> bool:
+        """Raise ManifestMismatch if the swarm runs something else; True if a swarm manifest was found."""
+        swarm_manifest = await self._get("manifest")
+        if swarm_manifest is not None and swarm_manifest != self.manifest_hash:
+            raise ManifestMismatch(
+                f"run manifest mismatch: swarm has {str(swarm_manifest)[:12]}, this node has "
+                f"{self.manifest_hash[:12]} (model, data, hyper-parameters and protocol version must all match)"
+            )
+        return swarm_manifest is not None
+
+    async def heartbeat(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
+        """Refresh presence and the manifest, then reload the live view."""
+        presence = {"round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss, "maddrs": addresses}
+        await self._store("peers", presence, self.presence_ttl, subkey=self.peer_id)
+        await self._store("manifest", self.manifest_hash, 10 * self.presence_ttl)
+        await self.refresh_view()
+
+    async def refresh_view(self) -> dict[str, PeerRecord]:
+        entries = await self._get("peers")
+        live = {}
+        now = get_dht_time()
+        for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
+            value = getattr(entry, "value", None)
+            if not isinstance(peer_id, str) or peer_id == self.peer_id or not isinstance(value, dict):
+                continue
+            if entry.expiration_time < now or value.get("manifest") != self.manifest_hash:
+                continue
+            round_ = value.get("round")
+            loss = value.get("eval_loss")
+            live[peer_id] = PeerRecord(
+                peer_id, round_ if isinstance(round_, int) else -1, self.manifest_hash,
+                float(loss) if isinstance(loss, (int, float)) else None, entry.expiration_time,
+            )
+        self.live = live
+        return live
+
+    async def announce_ready(self, round_: int, ttl: float) -> None:
+        await self._store("ready", {"round": round_, "manifest": self.manifest_hash}, ttl, subkey=self.peer_id)
+
+    async def ready_peers(self) -> dict[str, int]:
+        """Peers currently waiting for a partner, with the round they finished."""
+        entries = await self._get("ready")
+        ready = {}
+        now = get_dht_time()
+        for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
+            value = getattr(entry, "value", None)
+            if peer_id == self.peer_id or not isinstance(value, dict) or entry.expiration_time < now:
+                continue
+            if value.get("manifest") == self.manifest_hash and isinstance(value.get("round"), int):
+                ready[peer_id] = value["round"]
+        return ready

@@ -1,0 +1,58 @@
+"""Prometheus metrics of one node (prefix gossiptrain_), on their own registry and HTTP port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from protocol import ProtocolError
+
+EXCHANGE_RESULTS = ("ok", "rejected", "timeout", "peer_gone", "protocol_error", "aborted", "no_partner")
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.info = Info("gossiptrain", "Node identity and build", registry=r)
+        self.inner_steps = Counter("gossiptrain_inner_steps", "Inner optimizer steps taken", registry=r)
+        self.outer_rounds = Counter("gossiptrain_outer_rounds", "Outer rounds completed", ["mode"], registry=r)
+        self.tokens = Counter("gossiptrain_tokens", "Training tokens processed", registry=r)
+        self.train_loss = Gauge("gossiptrain_train_loss", "Mean training loss of the last round", registry=r)
+        self.eval_loss = Gauge("gossiptrain_eval_loss", "Held-out loss of the slow weights", registry=r)
+        self.round = Gauge("gossiptrain_round", "Current outer round", registry=r)
+        self.peers_live = Gauge("gossiptrain_peers_live", "Other live peers in the DHT presence view", registry=r)
+        self.exchanges = Counter("gossiptrain_exchanges", "Pair exchanges by result", ["result"], registry=r)
+        self.exchange_seconds = Histogram(
+            "gossiptrain_exchange_seconds", "Duration of successful pair exchanges", registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.sync_wait_seconds = Histogram(
+            "gossiptrain_sync_wait_seconds", "Time from round end to outer step (partner search + exchange)",
+            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60),
+        )
+        self.round_seconds = Histogram(
+            "gossiptrain_round_seconds", "Compute time of the inner steps of one round", registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
+        self.bytes_sent = Counter("gossiptrain_bytes_sent", "Protocol bytes sent", ["kind"], registry=r)
+        self.bytes_received = Counter("gossiptrain_bytes_received", "Protocol bytes received", ["kind"], registry=r)
+        self.partner_distance = Gauge(
+            "gossiptrain_partner_distance", "L2 distance between own and partner fast weights at the last exchange",
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "gossiptrain_protocol_errors", "Malformed or refused input from peers", ["kind"], registry=r
+        )
+        for kind in sorted({cls.kind for cls in (ProtocolError, *ProtocolError.__subclasses__())}):
+            self.protocol_errors.labels(kind=kind)  # every refusal kind is visible at 0 from the start
+        for result in EXCHANGE_RESULTS:
+            self.exchanges.labels(result=result)
+        for mode in ("paired", "local"):
+            self.outer_rounds.labels(mode=mode)
+        for kind in ("exchange",):
+            self.bytes_sent.labels(kind=kind)
+            self.bytes_received.labels(kind=kind)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint in a background thread; returns the bound port (0 picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

@@ -1,0 +1,207 @@
+"""A local swarm of real node processes on 127.0.0.1: used by `gossiptrain swarm` and the integration tests.
+
+Each node is a separate `python -m node run` process with its own p2pd, work dir and
+metrics port. The launcher learns each node's address from the node.json it writes,
+and its progress from its real /metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+START_TIMEOUT = 90.0
+
+
+class SwarmError(RuntimeError):
+    """A node of the local swarm failed to start or exited badly."""
+
+
+@dataclass
+class NodeProcess:
+    index: int
+    work_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.status['metrics_port']}/metrics"
+
+    @property
+    def maddr(self) -> str:
+        return self.status["maddrs"][0]
+
+    def poll_status(self) -> dict[str, Any]:
+        path = self.work_dir / "node.json"
+        if path.exists():
+            self.status = json.loads(path.read_text())
+        return self.status
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
+    """Flatten a /metrics page into {'name{label="v"}': value}; {} if the node does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return {}
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        num_nodes: int,
+        base_dir: str | Path,
+        node_args: list[str] | None = None,
+        metrics_base_port: int = 0,
+        threads_per_node: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.num_nodes = num_nodes
+        self.base_dir = Path(base_dir)
+        self.node_args = list(node_args or [])
+        self.metrics_base_port = metrics_base_port
+        self.threads_per_node = threads_per_node
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.nodes: list[NodeProcess] = []
+
+    def command(self, index: int, initial_peers: list[str], extra: list[str] | None = None) -> list[str]:
+        """The exact node command line (the same one docker-compose and the README use)."""
+        port = self.metrics_base_port + index if self.metrics_base_port else 0
+        cmd = [sys.executable, "-m", "node", "run",
+               "--work-dir", str(self.base_dir / f"node{index}"), "--metrics-port", str(port),
+               "--threads", str(self.threads_per_node), "--shard", str(index % self.num_nodes),
+               "--num-shards", str(self.num_nodes)]
+        for peer in initial_peers:
+            cmd += ["--initial-peer", peer]
+        return cmd + self.node_args + list(extra or [])
+
+    def start_node(self, index: int, initial_peers: list[str], extra: list[str] | None = None) -> NodeProcess:
+        work_dir = self.base_dir / f"node{index}"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "node.json").unlink(missing_ok=True)
+        log_path = work_dir / "node.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                self.command(index, initial_peers, extra), stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,  # a Ctrl-C in the launcher's terminal reaches the launcher only
+            )
+        node = NodeProcess(index, work_dir, process, log_path)
+        if index < len(self.nodes):
+            self.nodes[index] = node
+        else:
+            self.nodes.append(node)
+        return node
+
+    def wait_until_up(self, node: NodeProcess, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.poll_status().get("status") == "running":
+                return
+            if node.process.poll() is not None:
+                raise SwarmError(f"node {node.index} exited with {node.process.returncode}:\n{node.log_tail()}")
+            time.sleep(0.2)
+        raise SwarmError(f"node {node.index} did not come up within {timeout:.0f}s:\n{node.log_tail()}")
+
+    def start(self) -> None:
+        """Start node 0, then the others bootstrapping from it."""
+        first = self.start_node(0, [])
+        self.wait_until_up(first)
+        for index in range(1, self.num_nodes):
+            self.start_node(index, [first.maddr])
+        for node in self.nodes[1:]:
+            self.wait_until_up(node)
+
+    def metrics(self, index: int) -> dict[str, float]:
+        node = self.nodes[index]
+        return scrape(node.metrics_url) if node.status.get("metrics_port") else {}
+
+    def wait_finished(self, timeout: float) -> list[int]:
+        """Wait for every node process to exit by itself; returns exit codes (None if still running)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(n.process.poll() is None for n in self.nodes):
+            time.sleep(0.5)
+        return [n.process.poll() for n in self.nodes]
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM every node (a clean leave), SIGKILL what is still running after `grace` seconds."""
+        for node in self.nodes:
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for node in self.nodes:
+            try:
+                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait(timeout=10)
+
+    def summaries(self) -> list[dict[str, Any]]:
+        result = []
+        for node in self.nodes:
+            path = node.work_dir / "summary.json"
+            result.append(json.loads(path.read_text()) if path.exists() else {})
+        return result
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def progress_row(index: int, samples: dict[str, float], previous: dict[str, float], dt: float) -> dict[str, Any]:
+    """One node's live progress from two scrapes `dt` seconds apart."""
+    tokens = samples.get("gossiptrain_tokens_total", math.nan)
+    rate = (tokens - previous.get("gossiptrain_tokens_total", tokens)) / dt if dt > 0 else math.nan
+    ok = samples.get('gossiptrain_exchanges_total{result="ok"}', 0)
+    failed = sum(v for k, v in samples.items() if k.startswith("gossiptrain_exchanges_total{")
+                 and 'result="ok"' not in k and 'result="no_partner"' not in k)
+    return {
+        "node": index, "round": int(samples.get("gossiptrain_round", 0)),
+        "loss": samples.get("gossiptrain_train_loss", math.nan), "eval": samples.get("gossiptrain_eval_loss", math.nan),
+        "tok/s": rate, "ex ok": int(ok), "ex failed": int(failed),
+        "alone": int(samples.get('gossiptrain_exchanges_total{result="no_partner"}', 0)),
+        "peers": int(samples.get("gossiptrain_peers_live", 0)),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no nodes)"
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    table = [[c for c in columns]] + [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in table)
