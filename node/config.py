@@ -60,9 +60,11 @@ class NodeConfig:
     gamma: float = 0.7
     # --- gossip ---
     rounds: int = 0
+    min_peers: int = 0
+    min_peers_timeout: float = 120.0
     sync_timeout: float = 10.0
     io_timeout: float = 5.0
-    max_staleness: int = 2
+    max_staleness: int = 8
     heartbeat: float = 2.0
     presence_ttl: float = 6.0
     max_frame_bytes: int = 8 * 2**20
@@ -80,6 +82,7 @@ class NodeConfig:
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
             (self.inner_steps >= 1, "inner_steps must be >= 1"),
             (self.rounds >= 0, "rounds must be >= 0 (0 runs until stopped)"),
+            (self.min_peers >= 0 and self.min_peers_timeout >= 0, "min_peers and min_peers_timeout must be >= 0"),
             (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
             (min(self.context, self.d_model, self.n_layers, self.n_heads, self.batch_size) >= 1,
              "context, d_model, n_layers, n_heads and batch_size must be >= 1"),

@@ -65,6 +65,8 @@ class Node:
         self.stop_event = asyncio.Event()
         self.round = 0
         self.eval_loss: float | None = None
+        self.peers_seen: set[str] = set()
+        self.rounds_done = 0
         self.initial_eval_loss: float | None = None
         self.started_at = time.time()
         self.p2p = self.dht = None
@@ -159,6 +161,7 @@ class Node:
     async def run(self) -> dict[str, Any]:
         self.tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
         try:
+            await self._wait_for_peers()
             self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
             self.metrics.eval_loss.set(self.eval_loss)
             while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.round < self.cfg.rounds):
@@ -166,6 +169,23 @@ class Node:
         finally:
             summary = await self._leave()
         return summary
+
+    async def _wait_for_peers(self) -> None:
+        """Hold the first round until min_peers others are live (bounded: then train anyway)."""
+        if self.cfg.min_peers <= 0:
+            return
+        deadline = time.monotonic() + self.cfg.min_peers_timeout
+        while len(self.membership.live) < self.cfg.min_peers and not self.stop_event.is_set():
+            if time.monotonic() >= deadline:
+                logger.warning("only %d of %d peers after %.0fs; training anyway",
+                               len(self.membership.live), self.cfg.min_peers, self.cfg.min_peers_timeout)
+                return
+            await self.membership.refresh_view()
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), 0.5)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+        logger.info("%d peers live: starting to train", len(self.membership.live))
 
     async def _run_round(self) -> None:
         stats = await self._compute(self.trainer.run_round)
@@ -175,17 +195,22 @@ class Node:
         m.train_loss.set(stats.mean_loss)
         m.round_seconds.observe(stats.seconds)
 
-        partner, tensors, waited = None, None, 0.0
+        partner, tensors, waited, next_round = None, None, 0.0, self.round + 1
         if self.cfg.sync == "noloco" and not self.stop_event.is_set():
             outgoing = await self._compute(self.trainer.outgoing_tensors)
             outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
             partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
+            if outcome.partner_round is not None:
+                # Lamport-style: a pair leaves with the later of its two rounds, so a slower node is
+                # pulled along instead of drifting out of every partner's staleness window
+                next_round = max(self.round, outcome.partner_round) + 1
         m.sync_wait_seconds.observe(waited)
         distance = await self._compute(self.trainer.apply_outer_step, tensors)
         if distance is not None:
             m.partner_distance.set(distance)
         m.outer_rounds.labels(mode="paired" if partner else "local").inc()
-        self.round += 1
+        self.round = next_round
+        self.rounds_done += 1
         m.round.set(self.round)
         self.eval_loss = await self._compute(self.trainer.evaluate)
         m.eval_loss.set(self.eval_loss)
@@ -200,6 +225,7 @@ class Node:
             try:
                 await self.membership.heartbeat(self.round, self.eval_loss, self.maddrs)
                 self.metrics.peers_live.set(len(self.membership.live))
+                self.peers_seen.update(self.membership.live)
             except Exception as error:  # noqa: BLE001 - a failed heartbeat is retried next period
                 logger.warning("heartbeat failed: %s", error)
             await asyncio.sleep(self.cfg.heartbeat)
@@ -233,8 +259,8 @@ class Node:
             if sample.name.endswith("_total")
         }
         return {
-            "peer_id": self.peer_id, "rounds": self.round, "initial_eval_loss": self.initial_eval_loss,
-            "eval_loss": self.eval_loss, "exchanges": exchanges, "peers_live": len(self.membership.live),
+            "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done, "initial_eval_loss": self.initial_eval_loss,
+            "eval_loss": self.eval_loss, "exchanges": exchanges, "peers_seen": len(self.peers_seen),
             "seconds": time.time() - self.started_at,
         }
 

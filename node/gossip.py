@@ -47,6 +47,7 @@ class SyncOutcome:
     partner: str | None
     tensors: dict[str, np.ndarray] | None
     seconds: float
+    partner_round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,11 @@ class Gossip:
         self._deadline = started + timeout
         self._paired = loop.create_future()
         refused: set[str] = set()
+        if not self._could_pair(round_):
+            # nobody live can pair with this round (alone, or everyone is too far ahead): waiting is useless
+            self._round, self._outgoing = None, None
+            self.metrics.exchanges.labels(result="no_partner").inc()
+            return SyncOutcome(None, None, time.monotonic() - started)
         try:
             await self.membership.announce_ready(round_, ttl=timeout)
             while not self._paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
@@ -140,7 +146,7 @@ class Gossip:
                 refused.add(partner)  # one try per peer per round; a refused peer is not hammered
                 received = await self._request(partner, round_)
                 if received is not None and not self._paired.done():
-                    self._paired.set_result((partner, received))
+                    self._paired.set_result((partner, *received))
         except (asyncio.TimeoutError, TimeoutError):
             pass
         finally:
@@ -151,8 +157,8 @@ class Gossip:
             self._round, self._outgoing = None, None
         elapsed = time.monotonic() - started
         if self._paired.done() and not self._paired.cancelled():
-            partner, tensors = self._paired.result()
-            return SyncOutcome(partner, tensors, elapsed)
+            partner, tensors, partner_round = self._paired.result()
+            return SyncOutcome(partner, tensors, elapsed, partner_round)
         self.metrics.exchanges.labels(result="no_partner").inc()
         return SyncOutcome(None, None, elapsed)
 
@@ -163,8 +169,13 @@ class Gossip:
         except (asyncio.TimeoutError, TimeoutError):
             pass
 
-    async def _request(self, partner: str, round_: int) -> dict[str, np.ndarray] | None:
-        """Ask `partner` to pair; on accept run the exchange. Returns its tensors or None."""
+    def _could_pair(self, round_: int) -> bool:
+        """Is any live peer close enough in rounds to pair now or within the deadline?"""
+        limit = round_ + self.settings.max_staleness
+        return any(peer.round <= limit for peer in self.membership.live.values())
+
+    async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int] | None:
+        """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round) or None."""
         self._requesting = partner
         stream: FrameStream | None = None
         started = time.monotonic()
@@ -189,7 +200,7 @@ class Gossip:
                 self._requesting = None
                 received = await swap_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes)
             self._record_success(started)
-            return received
+            return received, reply.round
         except ProtocolError as error:
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
             self._record_failure(partner, error)
@@ -230,7 +241,9 @@ class Gossip:
             if refusal is not None:
                 await stream.send(ExchangeReject(reason=refusal, round=self._round if self._round is not None else 0))
                 return
-            exchange = self._incoming_task = asyncio.ensure_future(self._serve_exchange(stream, sender, self._paired))
+            exchange = self._incoming_task = asyncio.ensure_future(
+                self._serve_exchange(stream, sender, request.round, self._paired)
+            )
             await exchange
         except ProtocolError as error:
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
@@ -253,7 +266,7 @@ class Gossip:
                 self._incoming_task = None
             self._wakeup.set()
 
-    async def _serve_exchange(self, stream: FrameStream, sender: str, paired: asyncio.Future) -> None:
+    async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future) -> None:
         started = time.monotonic()
         await stream.send(ExchangeAccept(round=self._round))
         remaining = max(0.0, self._deadline - time.monotonic())
@@ -262,7 +275,7 @@ class Gossip:
         )
         self._record_success(started)
         if not paired.done():
-            paired.set_result((sender, received))
+            paired.set_result((sender, received, their_round))
 
     def _validate_request(self, request: ExchangeRequest, sender: str) -> None:
         """A request for tensors this run does not have is malformed input, not a polite refusal."""

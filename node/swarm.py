@@ -97,7 +97,7 @@ class LocalSwarm:
         cmd = [sys.executable, "-m", "node", "run",
                "--work-dir", str(self.base_dir / f"node{index}"), "--metrics-port", str(port),
                "--threads", str(self.threads_per_node), "--shard", str(index % self.num_nodes),
-               "--num-shards", str(self.num_nodes)]
+               "--num-shards", str(self.num_nodes), "--min-peers", str(self.num_nodes - 1)]
         for peer in initial_peers:
             cmd += ["--initial-peer", peer]
         return cmd + self.node_args + list(extra or [])
@@ -179,7 +179,8 @@ class LocalSwarm:
 def progress_row(index: int, samples: dict[str, float], previous: dict[str, float], dt: float) -> dict[str, Any]:
     """One node's live progress from two scrapes `dt` seconds apart."""
     tokens = samples.get("gossiptrain_tokens_total", math.nan)
-    rate = (tokens - previous.get("gossiptrain_tokens_total", tokens)) / dt if dt > 0 else math.nan
+    before = previous.get("gossiptrain_tokens_total")
+    rate = (tokens - before) / dt if before is not None and dt > 0 else math.nan
     ok = samples.get('gossiptrain_exchanges_total{result="ok"}', 0)
     failed = sum(v for k, v in samples.items() if k.startswith("gossiptrain_exchanges_total{")
                  and 'result="ok"' not in k and 'result="no_partner"' not in k)

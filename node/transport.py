@@ -15,6 +15,7 @@ from protocol import (
     ErrorMessage,
     Message,
     ProtocolError,
+    TruncatedFrame,
     UnexpectedMessage,
     decode_message,
     encode_frame,
@@ -59,11 +60,13 @@ class FrameStream:
         self._on_sent = on_sent or (lambda n: None)
         self._on_received = on_received or (lambda n: None)
 
-    async def _read_exactly(self, count: int) -> bytes:
+    async def _read_exactly(self, count: int, at_boundary: bool = False) -> bytes:
         try:
             data = await asyncio.wait_for(self.reader.readexactly(count), self.io_timeout)
         except asyncio.IncompleteReadError as error:
-            raise PeerGone(f"stream closed after {len(error.partial)} of {count} bytes") from None
+            if at_boundary and not error.partial:
+                raise PeerGone("stream closed") from None
+            raise TruncatedFrame(f"stream ended after {len(error.partial)} of {count} bytes of a frame") from None
         except (asyncio.TimeoutError, TimeoutError):
             raise PeerTimeout(f"no data for {self.io_timeout:.1f}s") from None
         except (ConnectionError, OSError) as error:
@@ -73,7 +76,7 @@ class FrameStream:
 
     async def recv(self, expected: type | tuple[type, ...] | None = None) -> Message:
         """Read one message; ProtocolError for anything malformed, RemoteError for a peer's ErrorMessage."""
-        length = parse_frame_header(await self._read_exactly(HEADER_BYTES), self.max_frame_bytes)
+        length = parse_frame_header(await self._read_exactly(HEADER_BYTES, at_boundary=True), self.max_frame_bytes)
         message = decode_message(await self._read_exactly(length))
         if isinstance(message, ErrorMessage) and not (expected and isinstance(message, expected)):
             raise RemoteError(message.kind, message.message)

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     for index, summary in enumerate(swarm.summaries()):
         exchanges = summary.get("exchanges", {})
         rows.append({
-            "node": index, "rounds": summary.get("rounds", 0),
+            "node": index, "round": summary.get("round", 0), "rounds done": summary.get("rounds_done", 0),
             "eval start": summary.get("initial_eval_loss") or math.nan, "eval end": summary.get("eval_loss") or math.nan,
             "ex ok": exchanges.get("ok", 0),
             "ex failed": sum(v for k, v in exchanges.items() if k not in ("ok", "no_partner")),

@@ -1,0 +1,41 @@
+"""Helpers for integration tests: real node processes with real p2pd on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+import pytest
+
+from node.swarm import LocalSwarm
+
+T = TypeVar("T")
+
+# Small enough for a 2-core CI box, big enough that the loss visibly drops.
+TINY = ["--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--context", "64", "--batch-size", "8",
+        "--eval-batches", "4", "--warmup-steps", "10", "--lr", "3e-3"]
+
+
+def poll(predicate: Callable[[], T], timeout: float, interval: float = 0.25, what: str = "condition") -> T:
+    """Return the first truthy value of predicate(), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def make_swarm(tmp_path):
+    swarms: list[LocalSwarm] = []
+
+    def factory(num_nodes: int, node_args: list[str], name: str = "swarm") -> LocalSwarm:
+        swarm = LocalSwarm(num_nodes, tmp_path / name, node_args)
+        swarms.append(swarm)
+        return swarm
+
+    yield factory
+    for swarm in swarms:
+        swarm.stop(grace=20)
