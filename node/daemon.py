@@ -268,4 +268,5 @@ class Node:
         _write_json(self.work_dir / "node.json", {
             "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
             "metrics_port": self.metrics_port, "run_id": self.cfg.run_id, "manifest": self.manifest_hash,
+            "parameters": self.trainer.numel,
         })

@@ -1,0 +1,187 @@
+"""A hostile client sends garbage to a running node: it refuses, counts, and keeps training."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import pytest
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+from node.gossip import EXCHANGE_PROTOCOL
+from node.transport import FrameStream, RemoteError
+from protocol import (
+    ErrorMessage,
+    ExchangeAccept,
+    ExchangeReject,
+    ExchangeRequest,
+    TensorSpec,
+    encode_frame,
+    encode_message,
+    tensor_messages,
+)
+from tests.integration.conftest import TINY, poll
+
+import msgpack
+
+pytestmark = pytest.mark.integration
+RUN = "gossiptrain-default"
+
+
+@pytest.fixture(scope="module")
+def lone_node(tmp_path_factory):
+    from node.swarm import LocalSwarm
+
+    swarm = LocalSwarm(1, tmp_path_factory.mktemp("lone"), TINY + ["--inner-steps", "5", "--sync-timeout", "20"])
+    swarm.start()
+    try:
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+class HostileClient:
+    """A peer that joins the node's DHT like any other, then misbehaves on the exchange protocol."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, target: PeerID, manifest: str) -> None:
+        self.p2p, self.dht, self.target, self.manifest = p2p, dht, target, manifest
+        self.peer_id = p2p.peer_id.to_base58()
+
+    async def announce(self, round_: int) -> None:
+        """Presence record: makes the node expect a partner (and wait for one) at its round boundary."""
+        value = {"round": round_, "manifest": self.manifest, "eval_loss": None, "maddrs": []}
+        assert await self.dht.store(f"{RUN}.peers", value, get_dht_time() + 60, subkey=self.peer_id)
+
+    async def open(self) -> FrameStream:
+        _info, reader, writer = await asyncio.wait_for(
+            self.p2p.call_binary_stream_handler(self.target, EXCHANGE_PROTOCOL), 10)
+        return FrameStream(reader, writer, max_frame_bytes=2**24, io_timeout=15)
+
+    async def send_raw_and_read_error(self, raw: bytes) -> ErrorMessage:
+        stream = await self.open()
+        try:
+            stream.writer.write(raw)
+            await stream.writer.drain()
+            return await stream.recv(ErrorMessage)
+        finally:
+            stream.close()
+
+    async def node_ready_round(self) -> int | None:
+        found = await self.dht.get(f"{RUN}.ready", latest=True)
+        entry = (found.value if found else {}).get(self.target.to_base58())
+        return entry.value["round"] if entry is not None and entry.expiration_time > get_dht_time() else None
+
+    async def accepted_stream(self, numel: int, timeout: float = 90) -> FrameStream:
+        """Keep asking until the node (ready at a round boundary) accepts our pairing request."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            round_ = await self.node_ready_round()
+            if round_ is not None:
+                stream = await self.open()
+                await stream.send(self.request(round_, numel))
+                reply = await stream.recv((ExchangeAccept, ExchangeReject))
+                if isinstance(reply, ExchangeAccept):
+                    return stream
+                stream.close()
+            await asyncio.sleep(0.3)
+        pytest.fail("node never accepted a pairing request")
+
+    def request(self, round_: int, numel: int, dtype: str = "float32") -> ExchangeRequest:
+        return ExchangeRequest(run_id=RUN, manifest_hash=self.manifest, round=round_, sender=self.peer_id,
+                               tensors=("theta",), numel=numel, dtype=dtype)
+
+
+@contextlib.asynccontextmanager
+async def hostile_client(node):
+    p2p = await P2P.create(initial_peers=[node.maddr])
+    dht = await DHTNode.create(p2p=p2p, initial_peers=[node.maddr], cache_locally=False)
+    try:
+        manifest = (await dht.get(f"{RUN}.manifest", latest=True)).value
+        client = HostileClient(p2p, dht, PeerID.from_base58(node.status["peer_id"]), manifest)
+        await client.announce(0)
+        yield client
+    finally:
+        await dht.shutdown()
+        await p2p.shutdown()
+
+
+async def read_until_error(stream: FrameStream, limit: int = 10_000) -> str:
+    """Skip the node's own tensor frames (it streams full duplex) until its ErrorMessage; returns its kind."""
+    for _ in range(limit):
+        try:
+            await stream.recv()
+        except RemoteError as error:
+            return error.kind
+    pytest.fail("no ErrorMessage from the node")
+
+
+def frame(body: dict) -> bytes:
+    return encode_frame(msgpack.packb(body))
+
+
+async def test_node_refuses_malformed_frames_with_typed_errors(lone_node):
+    node = lone_node.nodes[0]
+    async with hostile_client(node) as client:
+        assert (await client.send_raw_and_read_error(b"\x00\x00\x00\x05hello")).kind == "malformed"
+        assert (await client.send_raw_and_read_error(b"\xff\xff\xff\xff")).kind == "oversized"
+        assert (await client.send_raw_and_read_error(frame({"v": 99, "t": 1}))).kind == "version"
+        assert (await client.send_raw_and_read_error(frame({"v": 1, "t": 42}))).kind == "type"
+        assert (await client.send_raw_and_read_error(frame({"v": 1, "t": 1, "round": "x"}))).kind == "field"
+        stream = await client.open()  # truncated: a header promising 100 bytes, 10 bytes, then gone
+        stream.writer.write(b"\x00\x00\x00\x64" + b"\x00" * 10)
+        await stream.writer.drain()
+        stream.close()
+    for kind in ("malformed", "oversized", "version", "type", "field", "truncated"):
+        poll(lambda: lone_node.metrics(0).get(f'gossiptrain_protocol_errors_total{{kind="{kind}"}}', 0) >= 1,
+             timeout=30, what=f"protocol_errors_total{{kind={kind}}} to count the refusal")
+
+
+async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node):
+    node = lone_node.nodes[0]
+    numel = node.status["parameters"]
+    async with hostile_client(node) as client:
+        wrong_numel = await client.send_raw_and_read_error(
+            encode_frame(encode_message(client.request(0, numel + 1))))
+        assert wrong_numel.kind == "shape"
+        wrong_dtype = await client.send_raw_and_read_error(
+            encode_frame(encode_message(client.request(0, numel, dtype="float16"))))
+        assert wrong_dtype.kind == "dtype"
+
+        stream = await client.accepted_stream(numel)  # a real pairing, then a poisoned tensor
+        poisoned = np.zeros(numel, dtype="<f4")
+        poisoned[::1000] = np.nan
+        for message in tensor_messages(TensorSpec("theta", "float32", (numel,)), poisoned.tobytes(), 2**20):
+            await stream.send(message)
+        kind = await read_until_error(stream)
+        stream.close()
+        assert kind == "non_finite"
+
+        stream = await client.accepted_stream(numel)
+        for message in tensor_messages(TensorSpec("theta", "float32", (numel - 1,)), bytes(4 * (numel - 1))):
+            await stream.send(message)
+            break  # the header alone is refused
+        assert await read_until_error(stream) == "shape"
+        stream.close()
+
+        round_before = lone_node.metrics(0)["gossiptrain_round"]
+        await client.announce(10**6)  # now far ahead: the node stops waiting for us and trains alone
+        poll(lambda: lone_node.metrics(0).get("gossiptrain_round", 0) >= round_before + 3,
+             timeout=120, what="the node to keep training after the attacks")
+    samples = lone_node.metrics(0)
+    for kind in ("shape", "dtype", "non_finite"):
+        assert samples[f'gossiptrain_protocol_errors_total{{kind="{kind}"}}'] >= 1, kind
+    assert samples['gossiptrain_exchanges_total{result="ok"}'] == 0
+    assert node.process.poll() is None
+
+
+def test_node_with_mismatched_manifest_is_refused(lone_node):
+    first = lone_node.nodes[0]
+    other = lone_node.start_node(1, [first.maddr], extra=["--inner-steps", "6"])
+    assert other.process.wait(timeout=120) == 2
+    log = other.log_tail()
+    assert "run manifest mismatch" in log
+    assert log.count("error") == 1  # one clear line, no traceback
+    assert first.process.poll() is None
