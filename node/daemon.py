@@ -164,7 +164,7 @@ class Node:
             await self._wait_for_peers()
             self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
             self.metrics.eval_loss.set(self.eval_loss)
-            while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.round < self.cfg.rounds):
+            while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
                 await self._run_round()
         finally:
             summary = await self._leave()

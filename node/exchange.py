@@ -26,7 +26,10 @@ def flat_spec(name: str, numel: int) -> TensorSpec:
 async def _send_all(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_bytes: int) -> None:
     for name, array in outgoing.items():
         spec = flat_spec(name, array.size)
-        for message in tensor_messages(spec, memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B"), chunk_bytes):
+        messages = tensor_messages(spec, memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B"), chunk_bytes)
+        # hashing and copying a chunk runs on a worker thread (hashlib releases the GIL):
+        # the event loop keeps serving heartbeats and other peers meanwhile
+        while (message := await asyncio.to_thread(next, messages, None)) is not None:
             await stream.send(message)
 
 
@@ -37,7 +40,7 @@ async def _receive_all(stream: FrameStream, expected: list[TensorSpec]) -> dict[
         assembler = TensorAssembler(spec, out=buffer)
         done = False
         while not done:
-            done = assembler.feed(await stream.recv())
+            done = await asyncio.to_thread(assembler.feed, await stream.recv())
         received[spec.name] = assembler.array()
     return received
 

@@ -181,14 +181,15 @@ def progress_row(index: int, samples: dict[str, float], previous: dict[str, floa
     tokens = samples.get("gossiptrain_tokens_total", math.nan)
     before = previous.get("gossiptrain_tokens_total")
     rate = (tokens - before) / dt if before is not None and dt > 0 else math.nan
-    ok = samples.get('gossiptrain_exchanges_total{result="ok"}', 0)
-    failed = sum(v for k, v in samples.items() if k.startswith("gossiptrain_exchanges_total{")
-                 and 'result="ok"' not in k and 'result="no_partner"' not in k)
+    def exchanges(result: str) -> int:
+        return int(samples.get(f'gossiptrain_exchanges_total{{result="{result}"}}', 0))
+
+    failed = sum(exchanges(r) for r in ("timeout", "peer_gone", "protocol_error", "aborted"))
     return {
         "node": index, "round": int(samples.get("gossiptrain_round", 0)),
         "loss": samples.get("gossiptrain_train_loss", math.nan), "eval": samples.get("gossiptrain_eval_loss", math.nan),
-        "tok/s": rate, "ex ok": int(ok), "ex failed": int(failed),
-        "alone": int(samples.get('gossiptrain_exchanges_total{result="no_partner"}', 0)),
+        "tok/s": rate, "ex ok": exchanges("ok"), "ex failed": failed, "refused": exchanges("rejected"),
+        "alone": exchanges("no_partner"),
         "peers": int(samples.get("gossiptrain_peers_live", 0)),
     }
 

@@ -18,11 +18,11 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
         description=__doc__ + " Unknown flags are passed to every node (e.g. --inner-steps 20 --sync local).",
     )
     parser.add_argument("--nodes", type=int, default=3, help="number of node processes (default 3)")
-    parser.add_argument("--rounds", type=int, default=30, help="outer rounds per node (default 30)")
+    parser.add_argument("--rounds", type=int, default=30, help="outer rounds each node runs (default 30)")
     parser.add_argument("--dir", default="runs/swarm", help="work dirs, logs and results (default runs/swarm)")
     parser.add_argument("--metrics-base-port", type=int, default=9400, help="node i serves /metrics on base+i")
     parser.add_argument("--threads-per-node", type=int, default=1, help="torch threads per node (default 1)")
-    parser.add_argument("--refresh", type=float, default=3.0, help="seconds between progress tables")
+    parser.add_argument("--refresh", type=float, default=5.0, help="seconds between progress tables")
     parser.add_argument("--timeout", type=float, default=3600.0, help="stop the swarm after this many seconds")
     parser.set_defaults(handler=main, passthrough=True)
 
@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
             "node": index, "round": summary.get("round", 0), "rounds done": summary.get("rounds_done", 0),
             "eval start": summary.get("initial_eval_loss") or math.nan, "eval end": summary.get("eval_loss") or math.nan,
             "ex ok": exchanges.get("ok", 0),
-            "ex failed": sum(v for k, v in exchanges.items() if k not in ("ok", "no_partner")),
+            "ex failed": sum(exchanges.get(k, 0) for k in ("timeout", "peer_gone", "protocol_error", "aborted")),
+            "refused": exchanges.get("rejected", 0),
             "alone": exchanges.get("no_partner", 0), "seconds": summary.get("seconds", math.nan),
             "exit": swarm.nodes[index].process.returncode,
         })

@@ -13,7 +13,7 @@ from tests.integration.conftest import TINY, poll
 
 pytestmark = pytest.mark.integration
 
-ROUNDS = 20
+ROUNDS = 12
 RUN_ARGS = TINY + ["--inner-steps", "20", "--rounds", str(ROUNDS), "--sync-timeout", "6", "--seed", "7"]
 REQUIRED_METRICS = [
     "gossiptrain_info", "gossiptrain_inner_steps_total", "gossiptrain_outer_rounds_total",
@@ -57,8 +57,8 @@ def local_run(tmp_path_factory):
 
 def test_every_node_completes_its_rounds_and_exchanges(gossip_run):
     for summary in gossip_run["summaries"]:
-        assert summary["round"] == ROUNDS
-        assert summary["rounds_done"] >= 10, summary
+        assert summary["rounds_done"] == ROUNDS
+        assert summary["round"] >= ROUNDS  # the swarm clock: pairs leave with the later round
         assert summary["exchanges"]["ok"] >= 1, summary
         assert summary["peers_seen"] == 2, summary
 
