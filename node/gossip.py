@@ -127,7 +127,7 @@ class Gossip:
             self.metrics.exchanges.labels(result="no_partner").inc()
             return SyncOutcome(None, None, time.monotonic() - started)
         try:
-            await self.membership.announce_ready(round_, ttl=timeout)
+            await asyncio.wait_for(self.membership.announce_ready(round_, ttl=timeout), timeout)
             while not self._paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
                 if self._busy:
                     await self._wait_for_news(remaining)

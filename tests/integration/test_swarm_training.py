@@ -23,13 +23,17 @@ REQUIRED_METRICS = [
 ]
 
 
+def rounds_done(samples: dict[str, float]) -> float:
+    return sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{"))
+
+
 def run_to_completion(swarm: LocalSwarm, mid_run_snapshot: bool) -> dict:
     swarm.start()
     snapshot = {}
     if mid_run_snapshot:
         # metrics of a live node, once it has done a few paired rounds
-        snapshot = poll(lambda: (m := swarm.metrics(1)) and m.get("gossiptrain_round", 0) >= 3 and m,
-                        timeout=180, what="node 1 to reach round 3")
+        snapshot = poll(lambda: (m := swarm.metrics(1)) and rounds_done(m) >= 3 and m,
+                        timeout=180, what="node 1 to compute 3 rounds")
     codes = swarm.wait_finished(timeout=300)
     assert codes == [0] * swarm.num_nodes, [n.log_tail() for n in swarm.nodes]
     slow = [torch.load(n.work_dir / "final_state.pt")["slow_weights"] for n in swarm.nodes]
@@ -83,8 +87,8 @@ def test_live_node_serves_metrics_with_sensible_values(gossip_run):
     assert samples["gossiptrain_tokens_total"] == samples["gossiptrain_inner_steps_total"] * 8 * 64
     assert 0 < samples["gossiptrain_train_loss"] < math.log(256) + 0.5
     assert samples["gossiptrain_peers_live"] == 2
-    rounds = sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{"))
-    assert rounds >= 3
+    assert rounds_done(samples) >= 3
+    assert samples["gossiptrain_round"] >= rounds_done(samples)
     if samples['gossiptrain_exchanges_total{result="ok"}'] >= 1:
         numel_bytes = samples['gossiptrain_bytes_sent_total{kind="exchange"}']
         assert numel_bytes > 4 * 50_000  # at least one model's worth of fp32 went out

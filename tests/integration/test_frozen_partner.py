@@ -1,0 +1,47 @@
+"""A frozen (SIGSTOPped) peer hangs instead of erroring: only our deadlines end the waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.integration.conftest import TINY, poll
+
+pytestmark = pytest.mark.integration
+
+SYNC_TIMEOUT = 4.0
+ARGS = TINY + ["--inner-steps", "20", "--sync-timeout", str(SYNC_TIMEOUT), "--io-timeout", "2"]
+
+
+def rounds_of(swarm, index: int) -> int:
+    """Rounds computed so far (paired + local); 0 while the node does not answer."""
+    return int(sum(v for k, v in swarm.metrics(index).items() if k.startswith("gossiptrain_outer_rounds_total{")))
+
+
+def test_survivors_never_wait_past_the_deadline_for_a_frozen_partner(make_swarm):
+    swarm = make_swarm(3, ARGS)
+    swarm.start()
+    poll(lambda: all(rounds_of(swarm, i) >= 3 for i in range(3)), timeout=120, what="3 rounds on every node")
+
+    frozen = swarm.nodes[2]
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    try:
+        before = [rounds_of(swarm, i) for i in range(2)]
+        poll(lambda: all(rounds_of(swarm, i) >= before[i] + 6 for i in range(2)), timeout=120,
+             what="survivors to complete 6 more rounds while a peer is frozen")
+        for index in range(2):
+            samples = swarm.metrics(index)
+            # every round boundary ended within the deadline (histogram bucket 5 s >= 4 s deadline)
+            assert samples['gossiptrain_sync_wait_seconds_bucket{le="5.0"}'] == samples[
+                "gossiptrain_sync_wait_seconds_count"], samples
+    finally:
+        os.kill(frozen.process.pid, signal.SIGCONT)
+
+    frozen_rounds = poll(lambda: rounds_of(swarm, 2), timeout=30, what="the thawed node to answer /metrics")
+    frozen_ok = swarm.metrics(2)['gossiptrain_exchanges_total{result="ok"}']
+    poll(lambda: rounds_of(swarm, 2) >= frozen_rounds + 3, timeout=120, what="the thawed node to train again")
+    poll(lambda: swarm.metrics(2)['gossiptrain_exchanges_total{result="ok"}'] > frozen_ok, timeout=120,
+         what="the thawed node to exchange again")
+    assert all(node.process.poll() is None for node in swarm.nodes)
