@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BLOCK_BYTES = 64 * 1024  # unit of sharding and of the held-out split
+BLOCK_BYTES = 16 * 1024  # unit of sharding and of the held-out split; bounds the context length
 HELDOUT_EVERY = 20  # every 20th block is held out (5%)
 MAX_BUILTIN_BYTES = 24 * 2**20
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini", ".html", ".js", ".rs", ".go")
@@ -84,8 +84,9 @@ def load_corpus(paths: list[str] | None = None, max_bytes: int = MAX_BUILTIN_BYT
             break
     blob = b"".join(chunks)
     digest.update(blob)
-    if len(blob) < 2 * HELDOUT_EVERY * BLOCK_BYTES:
-        raise DataError(f"corpus has {len(blob)} bytes; need at least {2 * HELDOUT_EVERY * BLOCK_BYTES}")
+    if len(blob) < HELDOUT_EVERY * BLOCK_BYTES:
+        raise DataError(f"corpus has {len(blob)} bytes; need at least {HELDOUT_EVERY * BLOCK_BYTES} "
+                        "(one held-out block of every 20)")
     description = "builtin:python-stdlib" if not paths else ",".join(paths)
     return Corpus(np.frombuffer(blob, dtype=np.uint8), digest.hexdigest(), description)
 
@@ -94,6 +95,8 @@ class ShardSampler:
     """Random windows from this node's shard; its state is a plain dict so a checkpoint can resume it."""
 
     def __init__(self, corpus: Corpus, shard: int, num_shards: int, context: int, batch_size: int, seed: int) -> None:
+        if context + 1 >= BLOCK_BYTES:
+            raise DataError(f"context {context} must be below the {BLOCK_BYTES}-byte data block")
         self.corpus = corpus
         self.context = context
         self.batch_size = batch_size

@@ -34,6 +34,7 @@ from protocol import (
 from node.exchange import ExchangeAborted, flat_spec, swap_tensors
 from node.membership import Membership
 from node.metrics import NodeMetrics
+from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
 from node.transport import FrameStream, PeerGone, PeerTimeout, RemoteError
 
 logger = logging.getLogger(__name__)
@@ -135,14 +136,10 @@ class Gossip:
                 ready = await asyncio.wait_for(self.membership.ready_peers(), remaining)
                 if self._paired.done() or self._busy:
                     continue
-                candidates = sorted(
-                    peer for peer, their_round in ready.items()
-                    if peer not in refused and abs(their_round - round_) <= self.settings.max_staleness
-                )
-                if not candidates:
+                partner = choose_partner(ready, round_, refused, self.settings.max_staleness, self.rng)
+                if partner is None:
                     await self._wait_for_news(min(POLL_INTERVAL, remaining))
                     continue
-                partner = self.rng.choice(candidates)
                 refused.add(partner)  # one try per peer per round; a refused peer is not hammered
                 received = await self._request(partner, round_)
                 if received is not None and not self._paired.done():
@@ -170,9 +167,8 @@ class Gossip:
             pass
 
     def _could_pair(self, round_: int) -> bool:
-        """Is any live peer close enough in rounds to pair now or within the deadline?"""
-        limit = round_ + self.settings.max_staleness
-        return any(peer.round <= limit for peer in self.membership.live.values())
+        rounds = (peer.round for peer in self.membership.live.values())
+        return could_pair(rounds, round_, self.settings.max_staleness)
 
     async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int] | None:
         """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round) or None."""
@@ -290,20 +286,14 @@ class Gossip:
 
     def _refusal(self, request: ExchangeRequest) -> str | None:
         """Why this request cannot be served now (None: accept it)."""
-        if self.stopping:
-            return "shutting_down"
-        if request.run_id != self.settings.run_id or request.manifest_hash != self.settings.manifest_hash:
-            return "manifest"
-        if self._round is None or self._paired is None or self._paired.done():
-            return "not_ready"
-        if abs(request.round - self._round) > self.settings.max_staleness:
-            return "stale"
-        if self._busy_with_incoming():
-            return "busy"
-        if self._requesting is not None:
-            # crossing requests: the lower peer id's request wins on both sides
-            if not (self._requesting == request.sender and request.sender < self.peer_id):
-                return "busy"
-        if time.monotonic() >= self._deadline:
-            return "not_ready"
-        return None
+        state = PairingState(
+            me=self.peer_id,
+            round=self._round,
+            paired=self._paired is None or self._paired.done(),
+            serving_incoming=self._busy_with_incoming(),
+            requesting=self._requesting,
+            deadline_passed=time.monotonic() >= self._deadline,
+            stopping=self.stopping,
+        )
+        same_manifest = request.run_id == self.settings.run_id and request.manifest_hash == self.settings.manifest_hash
+        return refusal_reason(state, request.sender, request.round, same_manifest, self.settings.max_staleness)

@@ -35,7 +35,7 @@ RUN = "gossiptrain-default"
 def lone_node(tmp_path_factory):
     from node.swarm import LocalSwarm
 
-    swarm = LocalSwarm(1, tmp_path_factory.mktemp("lone"), TINY + ["--inner-steps", "5", "--sync-timeout", "20"])
+    swarm = LocalSwarm(1, tmp_path_factory.mktemp("lone"), TINY + ["--inner-steps", "5", "--sync-timeout", "10"])
     swarm.start()
     try:
         yield swarm

@@ -1,0 +1,64 @@
+"""Pure pairing decisions: whom to ask, whether to accept. Plain values in, plain values out.
+
+The gossip loop (node/gossip.py) gathers the facts and acts on these answers; keeping
+the decisions here lets the rules (staleness, one exchange at a time, the crossing
+request tie-break) be tested exhaustively without a network.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+
+def choose_partner(
+    ready: Mapping[str, int], my_round: int, exclude: Collection[str], max_staleness: int, rng: random.Random
+) -> str | None:
+    """A uniformly random ready peer within max_staleness rounds, not yet tried this round."""
+    candidates = sorted(
+        peer for peer, their_round in ready.items()
+        if peer not in exclude and abs(their_round - my_round) <= max_staleness
+    )
+    return rng.choice(candidates) if candidates else None
+
+
+def could_pair(live_rounds: Iterable[int], my_round: int, max_staleness: int) -> bool:
+    """Is any live peer not too far ahead to pair with this round now or once it catches up?"""
+    return any(their_round <= my_round + max_staleness for their_round in live_rounds)
+
+
+def crossing_request_wins(requester: str, me: str) -> bool:
+    """Two nodes asking each other at once: the lower peer id's request wins, on both sides."""
+    return requester < me
+
+
+@dataclass(frozen=True)
+class PairingState:
+    me: str
+    round: int | None  # None while training: not at a round boundary
+    paired: bool  # this round already has its exchange
+    serving_incoming: bool  # an accepted incoming exchange is running
+    requesting: str | None  # our own request in flight, to this peer
+    deadline_passed: bool
+    stopping: bool
+
+
+def refusal_reason(
+    state: PairingState, requester: str, request_round: int, same_manifest: bool, max_staleness: int
+) -> str | None:
+    """Why an incoming pairing request is refused (an ExchangeReject reason), or None to accept it."""
+    if state.stopping:
+        return "shutting_down"
+    if not same_manifest:
+        return "manifest"
+    if state.round is None or state.paired or state.deadline_passed:
+        return "not_ready"
+    if abs(request_round - state.round) > max_staleness:
+        return "stale"
+    if state.serving_incoming:
+        return "busy"
+    if state.requesting is not None:
+        if state.requesting != requester or not crossing_request_wins(requester, state.me):
+            return "busy"
+    return None

@@ -1,0 +1,72 @@
+"""Pairing rules: staleness, one exchange at a time, and the crossing-request tie-break."""
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
+
+peer_ids = st.text(alphabet="123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", min_size=4, max_size=12)
+
+
+def waiting(me: str, round_: int = 5, **changes) -> PairingState:
+    state = dict(me=me, round=round_, paired=False, serving_incoming=False, requesting=None,
+                 deadline_passed=False, stopping=False)
+    state.update(changes)
+    return PairingState(**state)
+
+
+@given(peer_ids, peer_ids)
+def test_crossing_requests_exactly_one_wins(a, b):
+    if a == b:
+        return
+    a_accepts_b = refusal_reason(waiting(a, requesting=b), b, 5, True, 2) is None
+    b_accepts_a = refusal_reason(waiting(b, requesting=a), a, 5, True, 2) is None
+    assert a_accepts_b != b_accepts_a
+
+
+def test_waiting_node_accepts_a_fresh_request():
+    assert refusal_reason(waiting("B"), "A", 6, True, 2) is None
+
+
+@pytest.mark.parametrize(
+    "changes, request_round, same_manifest, reason",
+    [
+        ({"stopping": True}, 5, True, "shutting_down"),
+        ({}, 5, False, "manifest"),
+        ({"round": None}, 5, True, "not_ready"),
+        ({"paired": True}, 5, True, "not_ready"),
+        ({"deadline_passed": True}, 5, True, "not_ready"),
+        ({}, 8, True, "stale"),
+        ({"serving_incoming": True}, 5, True, "busy"),
+        ({"requesting": "C"}, 5, True, "busy"),  # asking someone else: one exchange at a time
+    ],
+)
+def test_refusals(changes, request_round, same_manifest, reason):
+    assert refusal_reason(waiting("B", **changes), "A", request_round, same_manifest, 2) == reason
+
+
+def test_choose_partner_respects_staleness_and_exclusions():
+    rng = random.Random(0)
+    ready = {"A": 5, "B": 9, "C": 4, "D": 6}
+    picks = {choose_partner(ready, 5, {"D"}, 2, rng) for _ in range(200)}
+    assert picks == {"A", "C"}
+    assert choose_partner(ready, 20, set(), 2, rng) is None
+
+
+def test_choose_partner_is_uniform():
+    rng = random.Random(1)
+    ready = {p: 0 for p in "ABCD"}
+    counts = {p: 0 for p in ready}
+    for _ in range(4000):
+        counts[choose_partner(ready, 0, (), 1, rng)] += 1
+    assert all(850 < c < 1150 for c in counts.values()), counts
+
+
+def test_could_pair_only_when_someone_is_not_too_far_ahead():
+    assert not could_pair([], 3, 2)
+    assert not could_pair([9, 12], 3, 2)
+    assert could_pair([9, 5], 3, 2)
+    assert could_pair([0], 30, 2)  # a peer behind us may still catch up within the deadline
