@@ -26,11 +26,11 @@ from protocol import PROTOCOL_VERSION, manifest_hash
 
 from node import __version__
 from node.config import NodeConfig
-from node.data import load_corpus
+from node.data import DataError, load_corpus
 from node.gossip import Gossip, GossipSettings
-from node.membership import Membership, ManifestMismatch
+from node.membership import Membership
 from node.metrics import NodeMetrics
-from node.trainer import Trainer
+from node.trainer import DeviceUnavailable, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,11 @@ STARTUP_TIMEOUT = 60.0
 
 
 class JoinError(RuntimeError):
-    """The node could not join the swarm (bootstrap failed, manifest mismatch)."""
+    """The node could not reach the swarm (bootstrap failed, p2pd did not start)."""
+
+
+class StartupError(RuntimeError):
+    """A setting cannot work on this machine (device, metrics port, data): fix the config."""
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -72,7 +76,10 @@ class Node:
         self.p2p = self.dht = None
         self.tasks: list[asyncio.Task] = []
 
-        corpus = await self._compute(load_corpus, cfg.data or None)
+        try:
+            corpus = await self._compute(load_corpus, cfg.data or None)
+        except DataError as error:
+            raise StartupError(str(error)) from error
         manifest = cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION)
         self.manifest_hash = manifest_hash(manifest)
         try:
@@ -96,24 +103,38 @@ class Node:
                 f"could not join through {cfg.initial_peers or 'no initial peers'}: {error} "
                 "(check the multiaddrs, that the peers are up, and that clocks agree within ~3 s)"
             ) from error
+        try:
+            await self._start_services(corpus)
+        except BaseException:
+            await self._close_network()  # no orphaned p2pd, whatever failed
+            raise
+        return self
+
+    async def _start_services(self, corpus: Any) -> None:
+        cfg = self.cfg
         self.peer_id = self.p2p.peer_id.to_base58()
         self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
         self.membership = Membership(self.dht, cfg.run_id, self.peer_id, self.manifest_hash, cfg.presence_ttl)
-        try:
-            joined_existing = await self.membership.check_manifest()
-        except ManifestMismatch:
-            await self._close_network()
-            raise
+        joined_existing = await self.membership.check_manifest()
 
         digest = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{self.peer_id}".encode()).digest()[:8], "big")
         shard = cfg.shard if cfg.shard >= 0 else digest % cfg.num_shards
-        self.trainer = await self._compute(Trainer, cfg, corpus, shard, digest)
+        try:
+            self.trainer = await self._compute(Trainer, cfg, corpus, shard, digest)
+        except (DeviceUnavailable, DataError) as error:
+            raise StartupError(str(error)) from error
 
         self.metrics = NodeMetrics()
         self.metrics.info.info({"version": __version__, "peer_id": self.peer_id, "run_id": cfg.run_id,
                                 "manifest": self.manifest_hash[:16], "sync": cfg.sync,
                                 "device": str(self.trainer.device)})
-        self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port >= 0 else None
+        try:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port >= 0 else None
+        except OSError as error:
+            raise StartupError(
+                f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {error} "
+                "(pick another --metrics-port, 0 for a free one, -1 to disable)"
+            ) from error
 
         self.gossip = Gossip(
             self.p2p, self.membership, self.metrics,
@@ -135,7 +156,6 @@ class Node:
         for maddr in self.maddrs:
             logger.info("others join with: --initial-peer %s", maddr)
         self._write_status("running")
-        return self
 
     async def _compute(self, function: Callable, *args: Any) -> Any:
         """Run blocking work on the trainer thread; the event loop stays free."""

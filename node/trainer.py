@@ -32,11 +32,15 @@ class RoundStats:
     seconds: float
 
 
+class DeviceUnavailable(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested} requested but CUDA is not available (torch {torch.__version__})")
+        raise DeviceUnavailable(f"--device {requested} requested but CUDA is not available (torch {torch.__version__})")
     return torch.device(requested)
 
 

@@ -53,12 +53,12 @@ def setup_logging(level: str) -> None:
 
 
 async def run_node(cfg: NodeConfig) -> int:
-    from node.daemon import JoinError, Node
+    from node.daemon import JoinError, Node, StartupError
     from node.membership import ManifestMismatch
 
     try:
         node = await Node.create(cfg)
-    except ManifestMismatch as error:
+    except (ManifestMismatch, StartupError) as error:
         print(f"gossiptrain: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except JoinError as error:

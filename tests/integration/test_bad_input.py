@@ -185,3 +185,11 @@ def test_node_with_mismatched_manifest_is_refused(lone_node):
     assert "run manifest mismatch" in log
     assert log.count("error") == 1  # one clear line, no traceback
     assert first.process.poll() is None
+
+
+def test_busy_metrics_port_is_a_clear_config_error(lone_node):
+    first = lone_node.nodes[0]
+    busy = str(first.status["metrics_port"])
+    other = lone_node.start_node(2, [first.maddr], extra=["--metrics-port", busy])
+    assert other.process.wait(timeout=120) == 2
+    assert f"cannot serve metrics on 127.0.0.1:{busy}" in other.log_tail()
