@@ -86,6 +86,7 @@ class NodeConfig:
             (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
             (min(self.context, self.d_model, self.n_layers, self.n_heads, self.batch_size) >= 1,
              "context, d_model, n_layers, n_heads and batch_size must be >= 1"),
+            (self.context <= 8192, "context must be <= 8192 bytes (the data block is 16 KiB)"),
             (self.num_shards >= 1 and -1 <= self.shard < self.num_shards,
              "shard must be -1 (auto) or in [0, num_shards)"),
             (self.sync_timeout > 0 and self.io_timeout > 0, "timeouts must be > 0"),
@@ -114,6 +115,7 @@ class NodeConfig:
                       "lr_schedule_steps": self.lr_schedule_steps, "batch_size": self.batch_size},
             "outer": {"sync": self.sync, "inner_steps": self.inner_steps,
                       "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma},
+            "wire": {"chunk_bytes": self.chunk_bytes},
         }
 
 

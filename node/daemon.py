@@ -28,8 +28,9 @@ from node import __version__
 from node.config import NodeConfig
 from node.data import DataError, load_corpus
 from node.gossip import Gossip, GossipSettings
-from node.membership import Membership
+from node.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics
+from node.pairing import clock_catch_up
 from node.trainer import DeviceUnavailable, Trainer
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,10 @@ class Node:
         self.peer_id = self.p2p.peer_id.to_base58()
         self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
         self.membership = Membership(self.dht, cfg.run_id, self.peer_id, self.manifest_hash, cfg.presence_ttl)
-        joined_existing = await self.membership.check_manifest()
+        try:
+            joined_existing = await self.membership.check_manifest()
+        except DHTUnavailable as error:
+            raise JoinError(f"could not read the swarm's run manifest: {error}") from error
 
         digest = int.from_bytes(hashlib.sha256(f"{cfg.seed}/{self.peer_id}".encode()).digest()[:8], "big")
         shard = cfg.shard if cfg.shard >= 0 else digest % cfg.num_shards
@@ -217,6 +221,10 @@ class Node:
 
         partner, tensors, waited, next_round = None, None, 0.0, self.round + 1
         if self.cfg.sync == "noloco" and not self.stop_event.is_set():
+            live_rounds = [peer.round for peer in self.membership.live.values()]
+            if (caught_up := clock_catch_up(live_rounds, self.round, self.cfg.max_staleness)) is not None:
+                logger.info("round %d is behind every live peer: catching the clock up to %d", self.round, caught_up)
+                self.round = caught_up
             outgoing = await self._compute(self.trainer.outgoing_tensors)
             outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
             partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
@@ -243,7 +251,9 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         while True:
             try:
-                await self.membership.heartbeat(self.round, self.eval_loss, self.maddrs)
+                # bounded well inside the presence TTL, so one slow DHT call cannot make us vanish
+                await asyncio.wait_for(
+                    self.membership.heartbeat(self.round, self.eval_loss, self.maddrs), self.cfg.presence_ttl / 2)
                 self.metrics.peers_live.set(len(self.membership.live))
                 self.peers_seen.update(self.membership.live)
             except Exception as error:  # noqa: BLE001 - a failed heartbeat is retried next period
@@ -267,10 +277,14 @@ class Node:
         return summary
 
     async def _close_network(self) -> None:
-        if self.dht is not None:
-            await asyncio.wait_for(self.dht.shutdown(), 10)
-        if self.p2p is not None:
-            await asyncio.wait_for(self.p2p.shutdown(), 10)
+        try:
+            if self.dht is not None:
+                await asyncio.wait_for(self.dht.shutdown(), 10)
+        except Exception as error:  # noqa: BLE001 - p2pd must go down regardless
+            logger.warning("DHT shutdown failed: %s", error or type(error).__name__)
+        finally:
+            if self.p2p is not None:
+                await asyncio.wait_for(self.p2p.shutdown(), 10)
 
     def summary(self) -> dict[str, Any]:
         exchanges = {

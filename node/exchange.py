@@ -45,27 +45,47 @@ async def _receive_all(stream: FrameStream, expected: list[TensorSpec]) -> dict[
     return received
 
 
+async def transfer_tensors(
+    stream: FrameStream,
+    outgoing: dict[str, np.ndarray],
+    expected: list[TensorSpec],
+    chunk_bytes: int,
+) -> dict[str, np.ndarray]:
+    """Send ours while receiving theirs (full duplex); returns theirs, validated.
+
+    The first failure on either direction cancels the other at once (a broken send is
+    not discovered only after the partner's whole tensor has arrived). Errors
+    (ProtocolError, PeerGone, PeerTimeout, RemoteError) propagate; the caller closes the stream.
+    """
+    sender = asyncio.ensure_future(_send_all(stream, outgoing, chunk_bytes))
+    receiver = asyncio.ensure_future(_receive_all(stream, expected))
+    try:
+        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in (receiver, sender):
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        return receiver.result()
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        await asyncio.gather(sender, receiver, return_exceptions=True)
+
+
+async def confirm(stream: FrameStream) -> None:
+    """Swap acks: each side applies the average only once it knows the partner got everything too."""
+    await stream.send(ExchangeAck(ok=True, reason=""))
+    ack = await stream.recv(ExchangeAck)
+    if not ack.ok:
+        raise ExchangeAborted(f"partner did not confirm: {ack.reason}")
+
+
 async def swap_tensors(
     stream: FrameStream,
     outgoing: dict[str, np.ndarray],
     expected: list[TensorSpec],
     chunk_bytes: int,
 ) -> dict[str, np.ndarray]:
-    """Send ours while receiving theirs, then exchange acks; returns theirs only if both sides are ok.
-
-    Any error (ProtocolError, PeerGone, PeerTimeout, RemoteError) propagates after the
-    sender task is cancelled; the caller closes the stream.
-    """
-    sender = asyncio.ensure_future(_send_all(stream, outgoing, chunk_bytes))
-    try:
-        received = await _receive_all(stream, expected)
-        await sender
-    finally:
-        if not sender.done():
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-    await stream.send(ExchangeAck(ok=True, reason=""))
-    ack = await stream.recv(ExchangeAck)
-    if not ack.ok:
-        raise ExchangeAborted(f"partner did not confirm: {ack.reason}")
+    """transfer_tensors then confirm: the whole exchange, as the benchmark measures it."""
+    received = await transfer_tensors(stream, outgoing, expected, chunk_bytes)
+    await confirm(stream)
     return received

@@ -25,13 +25,14 @@ from protocol import (
     ExchangeAccept,
     ExchangeReject,
     ExchangeRequest,
-    ProtocolError,
-    TensorShapeMismatch,
-    TensorDtypeMismatch,
     InvalidField,
+    ProtocolError,
+    TensorDtypeMismatch,
+    TensorShapeMismatch,
+    TruncatedFrame,
 )
 
-from node.exchange import ExchangeAborted, flat_spec, swap_tensors
+from node.exchange import ExchangeAborted, confirm, flat_spec, transfer_tensors
 from node.membership import Membership
 from node.metrics import NodeMetrics
 from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
@@ -65,6 +66,8 @@ class GossipSettings:
 
 def classify_failure(error: BaseException) -> str:
     """Map an exchange failure to its exchanges_total{result} label."""
+    if isinstance(error, TruncatedFrame):
+        return "peer_gone"  # a crash mid-chunk looks exactly like this; still counted as a protocol error
     if isinstance(error, ProtocolError):
         return "protocol_error"
     if isinstance(error, (PeerTimeout, asyncio.TimeoutError, TimeoutError)):
@@ -85,14 +88,19 @@ class Gossip:
         self.peer_id = membership.peer_id
         self.rng = rng
         self.stopping = False
-        # state of the current round boundary; None/False while training
+        # state of the current round boundary; None while training
         self._round: int | None = None
         self._outgoing: dict[str, np.ndarray] | None = None
         self._deadline = 0.0
-        self._requesting: str | None = None
-        self._incoming_task: asyncio.Task | None = None
         self._paired: asyncio.Future | None = None
+        # at most one exchange at a time: our request in flight, our accepted outgoing exchange,
+        # or an accepted incoming one
+        self._requesting: str | None = None
+        self._outgoing_exchange = False
+        self._incoming_task: asyncio.Task | None = None
+        self._incoming_confirming = False
         self._wakeup = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(EXCHANGE_PROTOCOL, self._handle_stream)
@@ -110,54 +118,74 @@ class Gossip:
         return [flat_spec(name, self.settings.numel) for name in self.settings.tensor_names]
 
     @property
+    def _in_exchange(self) -> bool:
+        return self._outgoing_exchange or (self._incoming_task is not None and not self._incoming_task.done())
+
+    @property
     def _busy(self) -> bool:
-        return self._requesting is not None or (self._incoming_task is not None and not self._incoming_task.done())
+        return self._requesting is not None or self._in_exchange
 
     # ------------------------------------------------------------------ round boundary
     async def sync_round(self, round_: int, outgoing: dict[str, np.ndarray], timeout: float) -> SyncOutcome:
-        """Find one partner and exchange with it, or give up at the deadline (partner None)."""
+        """Find one partner and exchange with it, or give up at the deadline (partner None).
+
+        Takes at most `timeout` plus one I/O timeout (an exchange whose transfer finished
+        in time may still swap its acks, so both sides reach the same outcome).
+        """
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        self._round, self._outgoing = round_, outgoing
-        self._deadline = started + timeout
-        self._paired = loop.create_future()
-        refused: set[str] = set()
         if not self._could_pair(round_):
-            # nobody live can pair with this round (alone, or everyone is too far ahead): waiting is useless
-            self._round, self._outgoing = None, None
+            # nobody live can pair with this round (alone, or everyone is too far away): waiting is useless
             self.metrics.exchanges.labels(result="no_partner").inc()
             return SyncOutcome(None, None, time.monotonic() - started)
+        self._round, self._outgoing = round_, outgoing
+        self._deadline = started + timeout
+        self._paired = paired = asyncio.get_running_loop().create_future()
+        tried: set[str] = set()
         try:
             await asyncio.wait_for(self.membership.announce_ready(round_, ttl=timeout), timeout)
-            while not self._paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
+            while not paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
                 if self._busy:
                     await self._wait_for_news(remaining)
                     continue
                 ready = await asyncio.wait_for(self.membership.ready_peers(), remaining)
-                if self._paired.done() or self._busy:
+                if paired.done() or self._busy:
                     continue
-                partner = choose_partner(ready, round_, refused, self.settings.max_staleness, self.rng)
+                partner = choose_partner(ready, round_, tried, self.settings.max_staleness, self.rng)
                 if partner is None:
                     await self._wait_for_news(min(POLL_INTERVAL, remaining))
                     continue
-                refused.add(partner)  # one try per peer per round; a refused peer is not hammered
+                tried.add(partner)  # one try per peer per round; a refusing peer is not hammered
                 received = await self._request(partner, round_)
-                if received is not None and not self._paired.done():
-                    self._paired.set_result((partner, *received))
+                if received is not None and not paired.done():
+                    paired.set_result((partner, *received))
         except (asyncio.TimeoutError, TimeoutError):
             pass
         finally:
-            incoming = self._incoming_task
-            if incoming is not None and not incoming.done() and not self._paired.done():
-                incoming.cancel()  # deadline: abandon a half-done incoming exchange
-                await asyncio.gather(incoming, return_exceptions=True)
+            await self._settle_incoming()
             self._round, self._outgoing = None, None
+            self._spawn(self.membership.withdraw_ready(round_))
         elapsed = time.monotonic() - started
-        if self._paired.done() and not self._paired.cancelled():
-            partner, tensors, partner_round = self._paired.result()
+        if paired.done():
+            partner, tensors, partner_round = paired.result()
             return SyncOutcome(partner, tensors, elapsed, partner_round)
         self.metrics.exchanges.labels(result="no_partner").inc()
         return SyncOutcome(None, None, elapsed)
+
+    async def _settle_incoming(self) -> None:
+        """At the deadline: let an incoming exchange that is swapping acks finish, abandon any other."""
+        incoming = self._incoming_task
+        if incoming is None or incoming.done():
+            return
+        if self._incoming_confirming:
+            await asyncio.wait({incoming}, timeout=2 * self.settings.io_timeout)
+        if not incoming.done():
+            incoming.cancel()
+            await asyncio.gather(incoming, return_exceptions=True)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _wait_for_news(self, timeout: float) -> None:
         self._wakeup.clear()
@@ -172,11 +200,13 @@ class Gossip:
 
     async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int] | None:
         """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round) or None."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            return None
         self._requesting = partner
         stream: FrameStream | None = None
         started = time.monotonic()
         try:
-            remaining = self._deadline - time.monotonic()
             async with asyncio.timeout(remaining):
                 _info, reader, writer = await asyncio.wait_for(
                     self.p2p.call_binary_stream_handler(PeerID.from_base58(partner), EXCHANGE_PROTOCOL),
@@ -189,32 +219,30 @@ class Gossip:
                     dtype="float32",
                 ))
                 reply = await stream.recv((ExchangeAccept, ExchangeReject))
-                if isinstance(reply, ExchangeReject) or self._paired.done() or self._busy_with_incoming():
+                if isinstance(reply, ExchangeReject) or self._paired.done() or self._in_exchange:
+                    # (_in_exchange: a crossing request from this partner won, we serve that one instead)
                     self.metrics.exchanges.labels(result="rejected").inc()
-                    logger.debug("%s refused pairing: %s", partner[-8:], getattr(reply, "reason", "we paired meanwhile"))
+                    logger.debug("%s refused pairing: %s", partner[-8:], getattr(reply, "reason", "paired meanwhile"))
                     return None
-                self._requesting = None
-                received = await swap_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes)
+                if abs(reply.round - round_) > self.settings.max_staleness:
+                    raise InvalidField(f"partner accepted with round {reply.round}, ours is {round_}")
+                self._requesting, self._outgoing_exchange = None, True
+                received = await transfer_tensors(
+                    stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes)
+            await confirm(stream)  # bounded by io_timeout, not cut by the deadline: both sides agree
             self._record_success(started)
             return received, reply.round
         except ProtocolError as error:
-            self.metrics.protocol_errors.labels(kind=error.kind).inc()
-            self._record_failure(partner, error)
-            if stream is not None:
+            self._record_protocol_error(partner, error)
+            if stream is not None and not isinstance(error, TruncatedFrame):
                 await stream.send_error(error)
-        except (PeerGone, PeerTimeout, RemoteError, ExchangeAborted, asyncio.TimeoutError, TimeoutError,
-                ConnectionError, OSError) as error:
-            self._record_failure(partner, error)
-        except Exception as error:  # noqa: BLE001 - p2pd control errors (unknown peer, dial failure)
+        except Exception as error:  # noqa: BLE001 - timeout, peer gone, p2pd dial errors: the round goes on
             self._record_failure(partner, error)
         finally:
-            self._requesting = None
+            self._requesting, self._outgoing_exchange = None, False
             if stream is not None:
                 stream.close()
         return None
-
-    def _busy_with_incoming(self) -> bool:
-        return self._incoming_task is not None and not self._incoming_task.done()
 
     def _record_success(self, started: float) -> None:
         self.metrics.exchanges.labels(result="ok").inc()
@@ -224,6 +252,10 @@ class Gossip:
         result = classify_failure(error)
         self.metrics.exchanges.labels(result=result).inc()
         logger.info("exchange with %s failed (%s): %s", partner[-8:], result, error or type(error).__name__)
+
+    def _record_protocol_error(self, peer: str, error: ProtocolError) -> None:
+        self.metrics.protocol_errors.labels(kind=error.kind).inc()
+        self._record_failure(peer, error)
 
     # ------------------------------------------------------------------ incoming requests
     async def _handle_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -242,11 +274,13 @@ class Gossip:
             )
             await exchange
         except ProtocolError as error:
-            self.metrics.protocol_errors.labels(kind=error.kind).inc()
-            logger.warning("protocol error from %s: %s", sender[-8:], error)
             if exchange is not None:
-                self.metrics.exchanges.labels(result="protocol_error").inc()
-            await stream.send_error(error)
+                self._record_protocol_error(sender, error)
+            else:
+                self.metrics.protocol_errors.labels(kind=error.kind).inc()
+                logger.warning("protocol error from %s: %s", sender[-8:], error)
+            if not isinstance(error, TruncatedFrame):
+                await stream.send_error(error)
         except asyncio.CancelledError:
             if exchange is None or not exchange.cancelled() or asyncio.current_task().cancelling():
                 raise  # we are shutting down, not just abandoning this exchange
@@ -259,7 +293,7 @@ class Gossip:
         finally:
             stream.close()
             if exchange is not None and self._incoming_task is exchange:
-                self._incoming_task = None
+                self._incoming_task, self._incoming_confirming = None, False
             self._wakeup.set()
 
     async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future) -> None:
@@ -267,8 +301,10 @@ class Gossip:
         await stream.send(ExchangeAccept(round=self._round))
         remaining = max(0.0, self._deadline - time.monotonic())
         received = await asyncio.wait_for(
-            swap_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes), remaining
+            transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes), remaining
         )
+        self._incoming_confirming = True
+        await confirm(stream)
         self._record_success(started)
         if not paired.done():
             paired.set_result((sender, received, their_round))
@@ -290,7 +326,7 @@ class Gossip:
             me=self.peer_id,
             round=self._round,
             paired=self._paired is None or self._paired.done(),
-            serving_incoming=self._busy_with_incoming(),
+            in_exchange=self._in_exchange,
             requesting=self._requesting,
             deadline_passed=time.monotonic() >= self._deadline,
             stopping=self.stopping,

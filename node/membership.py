@@ -25,6 +25,10 @@ class ManifestMismatch(RuntimeError):
     """This node's run manifest differs from the swarm's: they must not average models."""
 
 
+class DHTUnavailable(RuntimeError):
+    """A DHT read did not complete in time (or failed): the answer is unknown, not empty."""
+
+
 @dataclass(frozen=True)
 class PeerRecord:
     peer_id: str
@@ -42,26 +46,32 @@ class Membership:
         self.presence_ttl = presence_ttl
         self.keys = {name: f"{run_id}.{name}" for name in ("manifest", "peers", "ready")}
         self.live: dict[str, PeerRecord] = {}
+        self._ready_expiration = 0.0
 
     async def _get(self, key: str) -> Any:
+        """The value under key (None: nothing stored); DHTUnavailable when the DHT did not answer."""
         try:
             found = await asyncio.wait_for(self.dht.get(self.keys[key], latest=True), DHT_TIMEOUT)
         except (asyncio.TimeoutError, TimeoutError):
-            logger.warning("DHT get %s timed out after %.0fs", self.keys[key], DHT_TIMEOUT)
-            return None
+            raise DHTUnavailable(f"DHT get {self.keys[key]} timed out after {DHT_TIMEOUT:.0f}s") from None
+        except Exception as error:  # noqa: BLE001 - hivemind raises assorted errors on broken peers
+            raise DHTUnavailable(f"DHT get {self.keys[key]} failed: {error}") from error
         return None if found is None else found.value
 
-    async def _store(self, key: str, value: Any, ttl: float, subkey: str | None = None) -> bool:
+    async def _store(self, key: str, value: Any, expiration: float, subkey: str | None = None) -> bool:
         try:
             return bool(await asyncio.wait_for(
-                self.dht.store(self.keys[key], value, get_dht_time() + ttl, subkey=subkey), DHT_TIMEOUT
+                self.dht.store(self.keys[key], value, expiration, subkey=subkey), DHT_TIMEOUT
             ))
-        except (asyncio.TimeoutError, TimeoutError):
-            logger.warning("DHT store %s timed out after %.0fs", self.keys[key], DHT_TIMEOUT)
+        except Exception as error:  # noqa: BLE001 - a failed store is retried on the next heartbeat/round
+            logger.warning("DHT store %s failed: %s", self.keys[key], error or type(error).__name__)
             return False
 
     async def check_manifest(self) -> bool:
-        """Raise ManifestMismatch if the swarm runs something else; True if a swarm manifest was found."""
+        """Raise ManifestMismatch if the swarm runs something else; True if a swarm manifest was found.
+
+        DHTUnavailable propagates: joining blind could let a mismatched node rewrite the manifest.
+        """
         swarm_manifest = await self._get("manifest")
         if swarm_manifest is not None and swarm_manifest != self.manifest_hash:
             raise ManifestMismatch(
@@ -73,14 +83,20 @@ class Membership:
     async def heartbeat(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
         """Refresh presence and the manifest, then reload the live view."""
         presence = {"round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss, "maddrs": addresses}
-        await self._store("peers", presence, self.presence_ttl, subkey=self.peer_id)
-        await self._store("manifest", self.manifest_hash, 10 * self.presence_ttl)
+        await self._store("peers", presence, get_dht_time() + self.presence_ttl, subkey=self.peer_id)
+        await self._store("manifest", self.manifest_hash, get_dht_time() + 10 * self.presence_ttl)
         await self.refresh_view()
 
     async def refresh_view(self) -> dict[str, PeerRecord]:
-        entries = await self._get("peers")
-        live = {}
+        """Reload the live view; if the DHT does not answer, keep the last view minus expired peers."""
         now = get_dht_time()
+        try:
+            entries = await self._get("peers")
+        except DHTUnavailable as error:
+            logger.warning("%s; keeping the last live view", error)
+            self.live = {peer: record for peer, record in self.live.items() if record.expiration > now}
+            return self.live
+        live = {}
         for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
             value = getattr(entry, "value", None)
             if not isinstance(peer_id, str) or peer_id == self.peer_id or not isinstance(value, dict):
@@ -97,17 +113,35 @@ class Membership:
         return live
 
     async def announce_ready(self, round_: int, ttl: float) -> None:
-        await self._store("ready", {"round": round_, "manifest": self.manifest_hash}, ttl, subkey=self.peer_id)
+        # must expire after the last record we stored there, or the DHT keeps the old one
+        self._ready_expiration = max(get_dht_time() + ttl, self._ready_expiration + 0.01)
+        await self._store("ready", {"round": round_, "manifest": self.manifest_hash}, self._ready_expiration,
+                          subkey=self.peer_id)
+
+    async def withdraw_ready(self, round_: int) -> None:
+        """Mark our ready record done, so peers stop asking us until the next round boundary.
+
+        A DHT subkey is only replaced by a record that expires later, hence the small offset.
+        """
+        self._ready_expiration = expiration = self._ready_expiration + 0.5
+        value = {"round": round_, "manifest": self.manifest_hash, "done": True}
+        await self._store("ready", value, expiration, subkey=self.peer_id)
 
     async def ready_peers(self) -> dict[str, int]:
-        """Peers currently waiting for a partner, with the round they finished."""
-        entries = await self._get("ready")
+        """Peers currently waiting for a partner, with the round they finished ({} if the DHT is slow)."""
+        try:
+            entries = await self._get("ready")
+        except DHTUnavailable as error:
+            logger.info("%s", error)
+            return {}
         ready = {}
         now = get_dht_time()
         for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
             value = getattr(entry, "value", None)
             if peer_id == self.peer_id or not isinstance(value, dict) or entry.expiration_time < now:
                 continue
-            if value.get("manifest") == self.manifest_hash and isinstance(value.get("round"), int):
+            if value.get("done") or value.get("manifest") != self.manifest_hash:
+                continue
+            if isinstance(value.get("round"), int):
                 ready[peer_id] = value["round"]
         return ready

@@ -24,8 +24,22 @@ def choose_partner(
 
 
 def could_pair(live_rounds: Iterable[int], my_round: int, max_staleness: int) -> bool:
-    """Is any live peer not too far ahead to pair with this round now or once it catches up?"""
-    return any(their_round <= my_round + max_staleness for their_round in live_rounds)
+    """Is any live peer within max_staleness rounds? (Rounds only move forward on pairing, so a peer
+    further away, ahead or behind, cannot become a partner within one deadline.)"""
+    return any(abs(their_round - my_round) <= max_staleness for their_round in live_rounds)
+
+
+def clock_catch_up(live_rounds: Iterable[int], my_round: int, max_staleness: int) -> int | None:
+    """The round to jump to when every live peer is ahead beyond the staleness window, else None.
+
+    A node that was frozen, slow or offline for a while would otherwise never be within
+    anyone's window again: rounds only advance by pairing. Jumping the clock (not the
+    weights) makes it pairable, and its next exchanges pull its weights to the swarm's.
+    """
+    rounds = list(live_rounds)
+    if rounds and min(rounds) > my_round + max_staleness:
+        return min(rounds)
+    return None
 
 
 def crossing_request_wins(requester: str, me: str) -> bool:
@@ -38,7 +52,7 @@ class PairingState:
     me: str
     round: int | None  # None while training: not at a round boundary
     paired: bool  # this round already has its exchange
-    serving_incoming: bool  # an accepted incoming exchange is running
+    in_exchange: bool  # an accepted exchange (either direction) is running
     requesting: str | None  # our own request in flight, to this peer
     deadline_passed: bool
     stopping: bool
@@ -56,7 +70,7 @@ def refusal_reason(
         return "not_ready"
     if abs(request_round - state.round) > max_staleness:
         return "stale"
-    if state.serving_incoming:
+    if state.in_exchange:
         return "busy"
     if state.requesting is not None:
         if state.requesting != requester or not crossing_request_wins(requester, state.me):

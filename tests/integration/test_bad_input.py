@@ -35,7 +35,8 @@ RUN = "gossiptrain-default"
 def lone_node(tmp_path_factory):
     from node.swarm import LocalSwarm
 
-    swarm = LocalSwarm(1, tmp_path_factory.mktemp("lone"), TINY + ["--inner-steps", "5", "--sync-timeout", "10"])
+    swarm = LocalSwarm(1, tmp_path_factory.mktemp("lone"), TINY + ["--inner-steps", "5", "--sync-timeout", "10",
+                                                                     "--max-staleness", "100000"])
     swarm.start()
     try:
         yield swarm
@@ -69,10 +70,15 @@ class HostileClient:
         finally:
             stream.close()
 
-    async def node_ready_round(self) -> int | None:
-        found = await self.dht.get(f"{RUN}.ready", latest=True)
+    async def node_record(self, key: str) -> dict | None:
+        found = await self.dht.get(f"{RUN}.{key}", latest=True)
         entry = (found.value if found else {}).get(self.target.to_base58())
-        return entry.value["round"] if entry is not None and entry.expiration_time > get_dht_time() else None
+        return entry.value if entry is not None and entry.expiration_time > get_dht_time() else None
+
+    async def node_ready_round(self) -> int | None:
+        """The round the node is waiting to pair at, if it is at a round boundary now."""
+        ready = await self.node_record("ready")
+        return ready["round"] if ready and not ready.get("done") else None
 
     async def accepted_stream(self, numel: int, timeout: float = 90) -> FrameStream:
         """Keep asking until the node (ready at a round boundary) accepts our pairing request."""
@@ -167,7 +173,7 @@ async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node):
         stream.close()
 
         round_before = lone_node.metrics(0)["gossiptrain_round"]
-        await client.announce(10**6)  # now far ahead: the node stops waiting for us and trains alone
+        await client.announce(10**7)  # now beyond its staleness window: the node stops waiting for us
         poll(lambda: lone_node.metrics(0).get("gossiptrain_round", 0) >= round_before + 3,
              timeout=120, what="the node to keep training after the attacks")
     samples = lone_node.metrics(0)

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
+from node.pairing import PairingState, choose_partner, clock_catch_up, could_pair, refusal_reason
 
 peer_ids = st.text(alphabet="123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", min_size=4, max_size=12)
 
 
 def waiting(me: str, round_: int = 5, **changes) -> PairingState:
-    state = dict(me=me, round=round_, paired=False, serving_incoming=False, requesting=None,
+    state = dict(me=me, round=round_, paired=False, in_exchange=False, requesting=None,
                  deadline_passed=False, stopping=False)
     state.update(changes)
     return PairingState(**state)
@@ -40,7 +40,7 @@ def test_waiting_node_accepts_a_fresh_request():
         ({"paired": True}, 5, True, "not_ready"),
         ({"deadline_passed": True}, 5, True, "not_ready"),
         ({}, 8, True, "stale"),
-        ({"serving_incoming": True}, 5, True, "busy"),
+        ({"in_exchange": True}, 5, True, "busy"),
         ({"requesting": "C"}, 5, True, "busy"),  # asking someone else: one exchange at a time
     ],
 )
@@ -69,4 +69,12 @@ def test_could_pair_only_when_someone_is_not_too_far_ahead():
     assert not could_pair([], 3, 2)
     assert not could_pair([9, 12], 3, 2)
     assert could_pair([9, 5], 3, 2)
-    assert could_pair([0], 30, 2)  # a peer behind us may still catch up within the deadline
+    assert not could_pair([0], 30, 2)  # far behind: it cannot catch up within one deadline
+    assert could_pair([29], 30, 2)
+
+
+def test_a_node_left_behind_catches_its_clock_up_to_the_slowest_live_peer():
+    assert clock_catch_up([40, 35, 52], 10, 8) == 35
+    assert clock_catch_up([40, 15], 10, 8) is None  # someone is still within reach
+    assert clock_catch_up([], 10, 8) is None  # alone: nothing to catch up with
+    assert clock_catch_up([3, 4], 10, 8) is None  # ahead of everyone: they catch up with us
