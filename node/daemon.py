@@ -219,12 +219,15 @@ class Node:
         m.train_loss.set(stats.mean_loss)
         m.round_seconds.observe(stats.seconds)
 
-        partner, tensors, waited, next_round = None, None, 0.0, self.round + 1
+        partner, tensors, waited = None, None, 0.0
         if self.cfg.sync == "noloco" and not self.stop_event.is_set():
             live_rounds = [peer.round for peer in self.membership.live.values()]
             if (caught_up := clock_catch_up(live_rounds, self.round, self.cfg.max_staleness)) is not None:
-                logger.info("round %d is behind every live peer: catching the clock up to %d", self.round, caught_up)
+                logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
+                            self.cfg.max_staleness, self.round, caught_up)
                 self.round = caught_up
+        next_round = self.round + 1
+        if self.cfg.sync == "noloco" and not self.stop_event.is_set():
             outgoing = await self._compute(self.trainer.outgoing_tensors)
             outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
             partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
@@ -240,6 +243,7 @@ class Node:
         self.round = next_round
         self.rounds_done += 1
         m.round.set(self.round)
+        self._spawn(self.membership.publish_presence(self.round, self.eval_loss, self.maddrs))  # fresh round for pairing
         self.eval_loss = await self._compute(self.trainer.evaluate)
         m.eval_loss.set(self.eval_loss)
         logger.info(
@@ -247,6 +251,12 @@ class Node:
             self.round, stats.mean_loss, self.eval_loss, stats.tokens / max(stats.seconds, 1e-9),
             partner[-8:] if partner else "-", waited,
         )
+
+    def _spawn(self, coroutine: Any) -> None:
+        """Fire-and-forget background work, tracked so it is cancelled on leave."""
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.append(task)
+        task.add_done_callback(lambda t: t in self.tasks and self.tasks.remove(t))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -257,7 +267,7 @@ class Node:
                 self.metrics.peers_live.set(len(self.membership.live))
                 self.peers_seen.update(self.membership.live)
             except Exception as error:  # noqa: BLE001 - a failed heartbeat is retried next period
-                logger.warning("heartbeat failed: %s", error)
+                logger.warning("heartbeat failed: %s", error or type(error).__name__)
             await asyncio.sleep(self.cfg.heartbeat)
 
     async def _leave(self) -> dict[str, Any]:

@@ -82,10 +82,13 @@ class Membership:
 
     async def heartbeat(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
         """Refresh presence and the manifest, then reload the live view."""
-        presence = {"round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss, "maddrs": addresses}
-        await self._store("peers", presence, get_dht_time() + self.presence_ttl, subkey=self.peer_id)
+        await self.publish_presence(round_, eval_loss, addresses)
         await self._store("manifest", self.manifest_hash, get_dht_time() + 10 * self.presence_ttl)
         await self.refresh_view()
+
+    async def publish_presence(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
+        presence = {"round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss, "maddrs": addresses}
+        await self._store("peers", presence, get_dht_time() + self.presence_ttl, subkey=self.peer_id)
 
     async def refresh_view(self) -> dict[str, PeerRecord]:
         """Reload the live view; if the DHT does not answer, keep the last view minus expired peers."""

@@ -30,16 +30,18 @@ def could_pair(live_rounds: Iterable[int], my_round: int, max_staleness: int) ->
 
 
 def clock_catch_up(live_rounds: Iterable[int], my_round: int, max_staleness: int) -> int | None:
-    """The round to jump to when every live peer is ahead beyond the staleness window, else None.
+    """The round to jump to when no live peer is within the staleness window, else None.
 
-    A node that was frozen, slow or offline for a while would otherwise never be within
-    anyone's window again: rounds only advance by pairing. Jumping the clock (not the
-    weights) makes it pairable, and its next exchanges pull its weights to the swarm's.
+    Rounds only advance by this node's own work and by pairing, so a node that was frozen,
+    slow or offline for a while would never be within anyone's window again. It jumps its
+    clock (not its weights) to the nearest peer ahead; its next exchanges then pull its
+    weights to the swarm's. Peers that are only behind will catch up with us instead.
     """
     rounds = list(live_rounds)
-    if rounds and min(rounds) > my_round + max_staleness:
-        return min(rounds)
-    return None
+    if any(abs(r - my_round) <= max_staleness for r in rounds):
+        return None
+    ahead = [r for r in rounds if r > my_round]
+    return min(ahead) if ahead else None
 
 
 def crossing_request_wins(requester: str, me: str) -> bool:

@@ -31,6 +31,9 @@ def test_survivors_never_wait_past_the_deadline_for_a_frozen_partner(make_swarm)
         before = [rounds_of(swarm, i) for i in range(2)]
         poll(lambda: all(rounds_of(swarm, i) >= before[i] + 6 for i in range(2)), timeout=120,
              what="survivors to complete 6 more rounds while a peer is frozen")
+        # its presence expires (TTL 6 s): survivors stop counting it, and race far ahead of its round
+        poll(lambda: all(swarm.metrics(i).get("gossiptrain_peers_live") == 1 for i in range(2)), timeout=30,
+             what="survivors to drop the frozen peer from their live view")
         for index in range(2):
             samples = swarm.metrics(index)
             # every round boundary ended within sync_timeout + io_timeout = 5 s (a histogram bucket edge)
@@ -42,6 +45,8 @@ def test_survivors_never_wait_past_the_deadline_for_a_frozen_partner(make_swarm)
     frozen_rounds = poll(lambda: rounds_of(swarm, 2), timeout=30, what="the thawed node to answer /metrics")
     frozen_ok = swarm.metrics(2)['gossiptrain_exchanges_total{result="ok"}']
     poll(lambda: rounds_of(swarm, 2) >= frozen_rounds + 3, timeout=120, what="the thawed node to train again")
+    poll(lambda: all(swarm.metrics(i).get("gossiptrain_peers_live") == 2 for i in range(3)), timeout=30,
+         what="everyone to see everyone again")
     poll(lambda: swarm.metrics(2)['gossiptrain_exchanges_total{result="ok"}'] > frozen_ok, timeout=120,
          what="the thawed node to exchange again")
     assert all(node.process.poll() is None for node in swarm.nodes)

@@ -73,8 +73,9 @@ def test_could_pair_only_when_someone_is_not_too_far_ahead():
     assert could_pair([29], 30, 2)
 
 
-def test_a_node_left_behind_catches_its_clock_up_to_the_slowest_live_peer():
+def test_a_node_left_behind_catches_its_clock_up_to_the_nearest_peer_ahead():
     assert clock_catch_up([40, 35, 52], 10, 8) == 35
     assert clock_catch_up([40, 15], 10, 8) is None  # someone is still within reach
     assert clock_catch_up([], 10, 8) is None  # alone: nothing to catch up with
-    assert clock_catch_up([3, 4], 10, 8) is None  # ahead of everyone: they catch up with us
+    assert clock_catch_up([3, 1], 30, 8) is None  # ahead of everyone: they catch up with us
+    assert clock_catch_up([3, 60, 90], 30, 8) == 60  # between a laggard and the leaders: join the leaders
