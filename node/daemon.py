@@ -216,6 +216,7 @@ class Node:
         m = self.metrics
         m.inner_steps.inc(stats.steps)
         m.tokens.inc(stats.tokens)
+        m.tokens_per_second.set(stats.tokens / max(stats.seconds, 1e-9))
         m.train_loss.set(stats.mean_loss)
         m.round_seconds.observe(stats.seconds)
 

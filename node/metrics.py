@@ -16,6 +16,8 @@ class NodeMetrics:
         self.inner_steps = Counter("gossiptrain_inner_steps", "Inner optimizer steps taken", registry=r)
         self.outer_rounds = Counter("gossiptrain_outer_rounds", "Outer rounds completed", ["mode"], registry=r)
         self.tokens = Counter("gossiptrain_tokens", "Training tokens processed", registry=r)
+        self.tokens_per_second = Gauge(
+            "gossiptrain_tokens_per_second", "Training throughput of the last round's inner steps", registry=r)
         self.train_loss = Gauge("gossiptrain_train_loss", "Mean training loss of the last round", registry=r)
         self.eval_loss = Gauge("gossiptrain_eval_loss", "Held-out loss of the slow weights", registry=r)
         self.round = Gauge("gossiptrain_round", "Current outer round", registry=r)

@@ -176,11 +176,8 @@ class LocalSwarm:
         self.stop()
 
 
-def progress_row(index: int, samples: dict[str, float], previous: dict[str, float], dt: float) -> dict[str, Any]:
-    """One node's live progress from two scrapes `dt` seconds apart."""
-    tokens = samples.get("gossiptrain_tokens_total", math.nan)
-    before = previous.get("gossiptrain_tokens_total")
-    rate = (tokens - before) / dt if before is not None and dt > 0 else math.nan
+def progress_row(index: int, samples: dict[str, float]) -> dict[str, Any]:
+    """One node's live progress from a scrape of its /metrics."""
     def exchanges(result: str) -> int:
         return int(samples.get(f'gossiptrain_exchanges_total{{result="{result}"}}', 0))
 
@@ -188,7 +185,7 @@ def progress_row(index: int, samples: dict[str, float], previous: dict[str, floa
     return {
         "node": index, "round": int(samples.get("gossiptrain_round", 0)),
         "loss": samples.get("gossiptrain_train_loss", math.nan), "eval": samples.get("gossiptrain_eval_loss", math.nan),
-        "tok/s": rate, "ex ok": exchanges("ok"), "ex failed": failed, "refused": exchanges("rejected"),
+        "tok/s": samples.get("gossiptrain_tokens_per_second", math.nan), "ex ok": exchanges("ok"), "ex failed": failed, "refused": exchanges("rejected"),
         "alone": exchanges("no_partner"),
         "peers": int(samples.get("gossiptrain_peers_live", 0)),
     }

@@ -37,16 +37,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         swarm.start()
         print(f"swarm up; bootstrap peer {swarm.nodes[0].maddr}", flush=True)
-        previous = [dict() for _ in swarm.nodes]
-        last = time.monotonic()
-        deadline = last + args.timeout
+        latest: list[dict] = [{} for _ in swarm.nodes]  # a node that has exited keeps its last figures
+        deadline = time.monotonic() + args.timeout
         while any(n.process.poll() is None for n in swarm.nodes) and time.monotonic() < deadline:
             time.sleep(args.refresh)
-            now = time.monotonic()
-            current = [swarm.metrics(i) if n.process.poll() is None else {} for i, n in enumerate(swarm.nodes)]
-            rows = [progress_row(i, c or previous[i], previous[i], now - last) for i, c in enumerate(current)]
-            previous = [c or p for c, p in zip(current, previous)]
-            last = now
+            latest = [(swarm.metrics(i) if n.process.poll() is None else {}) or latest[i]
+                      for i, n in enumerate(swarm.nodes)]
+            rows = [progress_row(i, samples) for i, samples in enumerate(latest)]
             print(f"\n[{time.strftime('%H:%M:%S')}]\n{format_table(rows)}", flush=True)
     except SwarmError as error:
         print(f"gossiptrain swarm: {error}", file=sys.stderr)
