@@ -72,6 +72,7 @@ class Node:
         self.eval_loss: float | None = None
         self.peers_seen: set[str] = set()
         self.rounds_done = 0
+        self.exit_code = 0
         self.initial_eval_loss: float | None = None
         self.started_at = time.time()
         self.p2p = self.dht = None
@@ -261,6 +262,11 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            if (code := self._p2pd_exit_code()) is not None:
+                logger.error("p2pd exited with code %s: this node is cut off from the swarm; leaving", code)
+                self.exit_code = 1
+                self.request_stop()
+                return
             try:
                 # bounded well inside the presence TTL, so one slow DHT call cannot make us vanish
                 await asyncio.wait_for(
@@ -287,10 +293,15 @@ class Node:
         logger.info("node %s left after %d rounds", self.peer_id, self.round)
         return summary
 
+    def _p2pd_exit_code(self) -> int | None:
+        """p2pd's exit code if it died under us (e.g. a terminal's Ctrl-C reaches its process group)."""
+        child = getattr(self.p2p, "_child", None)
+        return None if child is None else child.returncode
+
     async def _close_network(self) -> None:
         try:
-            if self.dht is not None:
-                await asyncio.wait_for(self.dht.shutdown(), 10)
+            if self.dht is not None and self._p2pd_exit_code() is None:  # with p2pd gone, DHT shutdown hangs
+                await asyncio.wait_for(self.dht.shutdown(), 5)
         except Exception as error:  # noqa: BLE001 - p2pd must go down regardless
             logger.warning("DHT shutdown failed: %s", error or type(error).__name__)
         finally:

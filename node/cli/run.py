@@ -66,7 +66,7 @@ async def run_node(cfg: NodeConfig) -> int:
         return 1
     node.install_signal_handlers()
     await node.run()
-    return 0
+    return node.exit_code
 
 
 def main(args: argparse.Namespace) -> int:
