@@ -177,7 +177,7 @@ class Gossip:
         if incoming is None or incoming.done():
             return
         if self._incoming_confirming:
-            await asyncio.wait({incoming}, timeout=2 * self.settings.io_timeout)
+            await asyncio.wait({incoming}, timeout=self.settings.io_timeout)
         if not incoming.done():
             incoming.cancel()
             await asyncio.gather(incoming, return_exceptions=True)
@@ -229,7 +229,8 @@ class Gossip:
                 self._requesting, self._outgoing_exchange = None, True
                 received = await transfer_tensors(
                     stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes)
-            await confirm(stream)  # bounded by io_timeout, not cut by the deadline: both sides agree
+            # not cut by the deadline (both sides must agree on the outcome), bounded by one I/O timeout
+            await asyncio.wait_for(confirm(stream), self.settings.io_timeout)
             self._record_success(started)
             return received, reply.round
         except ProtocolError as error:
@@ -304,7 +305,7 @@ class Gossip:
             transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes), remaining
         )
         self._incoming_confirming = True
-        await confirm(stream)
+        await asyncio.wait_for(confirm(stream), self.settings.io_timeout)
         self._record_success(started)
         if not paired.done():
             paired.set_result((sender, received, their_round))
