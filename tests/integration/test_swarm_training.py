@@ -32,8 +32,11 @@ def run_to_completion(swarm: LocalSwarm, mid_run_snapshot: bool) -> dict:
     snapshot = {}
     if mid_run_snapshot:
         # metrics of a live node, once it has done a few paired rounds
-        snapshot = poll(lambda: (m := swarm.metrics(1)) and rounds_done(m) >= 3 and m,
-                        timeout=180, what="node 1 to compute 3 rounds")
+        def all_live_after_3_rounds():
+            scrapes = [swarm.metrics(i) for i in range(swarm.num_nodes)]
+            return all(m and rounds_done(m) >= 3 for m in scrapes) and scrapes
+
+        snapshot = poll(all_live_after_3_rounds, timeout=180, what="every node to compute 3 rounds")
     codes = swarm.wait_finished(timeout=300)
     assert codes == [0] * swarm.num_nodes, [n.log_tail() for n in swarm.nodes]
     slow = [torch.load(n.work_dir / "final_state.pt")["slow_weights"] for n in swarm.nodes]
@@ -78,8 +81,9 @@ def test_gossip_keeps_replicas_closer_than_local_training(gossip_run, local_run)
     assert gossip_run["distance"] < 0.5 * local_run["distance"], (gossip_run["distance"], local_run["distance"])
 
 
-def test_live_node_serves_metrics_with_sensible_values(gossip_run):
-    samples = gossip_run["metrics"]
+@pytest.mark.parametrize("index", range(3))
+def test_live_node_serves_metrics_with_sensible_values(gossip_run, index):
+    samples = gossip_run["metrics"][index]
     names = {key.split("{")[0] for key in samples}
     for name in REQUIRED_METRICS:
         assert any(n == name or n.startswith(name + "_") for n in names), f"{name} missing from /metrics"
