@@ -4,10 +4,10 @@ One run measures the full-duplex swap of a model-sized flat fp32 tensor (``numel
 parameters, numel*4 bytes each way) between two peers, three ways:
 
  1. ``raw TCP``: asyncio TCP on 127.0.0.1, both directions written concurrently in
-    2 MiB chunks, each side ``readexactly``'s the partner's bytes. The ceiling for
-    Python asyncio moving bytes on this machine.
- 2. ``p2pd stream``: the same raw bytes (no framing) over a binary stream between
-    two real hivemind P2P instances, each with its own p2pd (libp2p: TLS/noise,
+    2 MiB chunks, each side ``readexactly``'s the partner's bytes, then the responder
+    sends a 1-byte ack. The ceiling for Python asyncio moving bytes on this machine.
+ 2. ``p2pd stream``: the same raw bytes and ack (no framing) over a binary stream
+    between two real hivemind P2P instances, each with its own p2pd (libp2p: TLS/noise,
     yamux, two extra unix-socket hops through the daemons). What the transport
     itself costs.
  3. ``gossiptrain``: ``node.exchange.swap_tensors`` over ``FrameStream`` on the same
@@ -15,24 +15,36 @@ parameters, numel*4 bytes each way) between two peers, three ways:
     exactly as the gossip round does it (msgpack frames, blake2b checksum,
     finiteness check, acks). What our protocol costs on top of the transport.
 
-Each exchange is timed from opening the stream until both sides hold the partner's
-complete tensor (for gossiptrain: until both have the partner's ack). Received data
-is compared with what the partner sent, so a broken transfer fails the benchmark
-rather than being reported as fast. Both peers live in this one process and event
-loop (uvloop), identically for all three modes, so the ratios between modes are fair
-even though the absolute figures are pessimistic for two separate machines.
+The two peers are two real nodes on this machine: the initiator is this process, the
+responder a separate OS process (``python -m node.bench_exchange --serve``) with its
+own event loop, GIL and, for the p2pd modes, its own p2pd. It prints one ready line
+(its TCP port, peer id and addresses) and serves until its stdin closes. Both sides
+use uvloop and generate their tensors from fixed seeds, so each side checks what it
+received without the expected data being shipped.
+
+Each exchange is timed by the initiator from opening the stream until it holds the
+responder's complete tensor and knows the responder holds its own (the responder's
+1-byte ack in the raw modes, swap_tensors' acks for gossiptrain). Afterwards, outside
+the timed region, both sides compare what arrived with what the partner sent, and the
+responder reports its verdict in one more byte; a broken transfer fails the benchmark
+rather than being reported as fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
 import platform
+import signal
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Generic, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Awaitable, Callable, TypeVar
 
 import numpy as np
 import uvloop
@@ -47,97 +59,38 @@ MAX_FRAME_BYTES = 8 * 2**20 + 64 * 2**10
 IO_TIMEOUT = 60.0  # per read / drain, as FrameStream applies it
 EXCHANGE_TIMEOUT = 120.0  # one whole exchange, stream opening included
 SETUP_TIMEOUT = 60.0  # starting a P2P instance, opening a server
+LINGER_TIMEOUT = 10.0  # the responder waiting for the initiator to close after the verdict
+STOP_TIMEOUT = 20.0  # the responder process shutting down after its stdin closed
 TENSOR_NAME = "theta"
 RAW_PROTOCOL = "gossiptrain/bench-raw/1"
 SWAP_PROTOCOL = "gossiptrain/bench-exchange/1"
+INITIATOR_SEED, RESPONDER_SEED = 1, 2
+ACK = b"\x06"  # raw modes: the responder has all of the initiator's bytes
+VERDICT_OK, VERDICT_MISMATCH = b"\x01", b"\x00"  # after the timed region: the responder's check
+READY_PREFIX = "gossiptrain-bench-responder ready "
+LOG_TAIL_LINES = 20
 
 
 class TransferMismatch(RuntimeError):
     """A side received something other than what its partner sent."""
 
 
-@dataclass
-class _Pending(Generic[T]):
-    """One expected incoming exchange: the responder's result, and when it may close its stream."""
-
-    result: asyncio.Future[T]
-    release: asyncio.Event = field(default_factory=asyncio.Event)
+class ExchangeFailed(RuntimeError):
+    """One exchange of one mode broke (stream reset, timeout, ...): which one, and why."""
 
 
-class _Responder(Generic[T]):
-    """The accepting peer: runs ``work`` on an incoming stream and hands its result to the timer.
-
-    The stream stays open until the timer has stopped, so neither side's close can cut
-    bytes still in flight (p2pd's bridge does not survive an early close, DESIGN §5).
-    """
-
-    def __init__(self, work: Work[T]) -> None:
-        self.work = work
-        self.pending: _Pending[T] | None = None
-
-    def expect(self) -> _Pending[T]:
-        """Arm the responder for the next incoming stream."""
-        self.pending = _Pending(asyncio.get_running_loop().create_future())
-        return self.pending
-
-    async def handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """asyncio.start_server callback."""
-        await self._serve(reader, writer)
-
-    async def handle_p2p(self, _info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """hivemind binary stream handler."""
-        await self._serve(reader, writer)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        pending, self.pending = self.pending, None
-        try:
-            if pending is None:
-                return  # unexpected stream: refuse it by closing
-            try:
-                result = await asyncio.wait_for(self.work(reader, writer), EXCHANGE_TIMEOUT)
-            except Exception as error:  # noqa: BLE001 - reported to the timer, which raises it
-                if not pending.result.done():
-                    pending.result.set_exception(error)
-                return
-            if not pending.result.done():
-                pending.result.set_result(result)
-            try:
-                await asyncio.wait_for(pending.release.wait(), EXCHANGE_TIMEOUT)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
-        finally:
-            writer.close()
-
-
-async def _timed_exchange(responder: _Responder[T], open_stream: Opener, work: Work[T]) -> tuple[float, T, T]:
-    """Open a stream to the responder and run ``work`` on both ends; (seconds, initiator's, responder's result)."""
-    pending = responder.expect()
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(EXCHANGE_TIMEOUT):
-            started = time.perf_counter()
-            reader, writer = await open_stream()
-            mine = await work(reader, writer)
-            theirs = await pending.result
-            elapsed = time.perf_counter() - started
-    except Exception as error:
-        # the initiator usually fails second (its stream was closed): report the responder's cause
-        if pending.result.done() and not pending.result.cancelled() and pending.result.exception() is not None:
-            raise pending.result.exception() from error
-        raise
-    finally:
-        pending.release.set()
-        responder.pending = None
-        if writer is not None:
-            writer.close()
-        if not pending.result.done():
-            pending.result.cancel()
-    return elapsed, mine, theirs
+def _tensor(seed: int, numel: int) -> np.ndarray:
+    """A side's tensor, reproducible by its partner from the seed alone."""
+    return np.random.default_rng(seed).standard_normal(numel, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------- what each side does
-def _raw_work(payload: np.ndarray) -> Work[bytes]:
-    """Side of a raw exchange: write ``payload`` in chunks while reading as many bytes from the partner."""
+def _raw_work(payload: np.ndarray, initiator: bool) -> Work[bytes]:
+    """Side of a raw exchange: write ``payload`` in chunks while reading as many bytes from the partner.
+
+    Then the responder writes a 1-byte ack (after all of its payload, same stream), which
+    the initiator reads: when it arrives, both sides hold the partner's bytes.
+    """
     view = memoryview(payload).cast("B")
 
     async def send(writer: asyncio.StreamWriter) -> None:
@@ -154,6 +107,13 @@ def _raw_work(payload: np.ndarray) -> Work[bytes]:
             if not sender.done():
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
+        if initiator:
+            ack = await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
+            if ack != ACK:
+                raise TransferMismatch(f"expected the responder's ack, got {ack!r}")
+        else:
+            writer.write(ACK)
+            await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
         return received
 
     return work
@@ -174,14 +134,195 @@ def _swap_work(payload: np.ndarray) -> Work[np.ndarray]:
     return work
 
 
-def _check(received: bytes | np.ndarray, sent: np.ndarray, who: str) -> None:
+def _matches(received: bytes | np.ndarray, sent: np.ndarray) -> bool:
     """Bit-for-bit comparison of what arrived with what the partner sent (int32 views: no NaN semantics)."""
     got = received.view(np.uint8) if isinstance(received, np.ndarray) else np.frombuffer(received, dtype=np.uint8)
-    if got.size != sent.nbytes or not np.array_equal(got.view(np.int32), sent.view(np.int32)):
-        raise TransferMismatch(f"{who} received {got.size} bytes that differ from its partner's {sent.nbytes}")
+    return got.size == sent.nbytes and np.array_equal(got.view(np.int32), sent.view(np.int32))
 
 
-# ---------------------------------------------------------------------- the three modes
+# ---------------------------------------------------------------------- the responder process
+class _ResponderServer:
+    """The accepting peer: runs a mode's work on each incoming stream, checks, reports the verdict."""
+
+    def __init__(self, payload: np.ndarray, expected: np.ndarray) -> None:
+        self.expected = expected
+        self.raw = _raw_work(payload, initiator=False)
+        self.swap = _swap_work(payload)
+        self.failures = 0
+
+    async def handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server callback."""
+        await self._serve("raw TCP", self.raw, reader, writer)
+
+    async def handle_p2p_raw(self, _info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve("p2pd stream", self.raw, reader, writer)
+
+    async def handle_p2p_swap(self, _info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve("gossiptrain", self.swap, reader, writer)
+
+    async def _serve(self, mode: str, work: Work, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                received = await asyncio.wait_for(work(reader, writer), EXCHANGE_TIMEOUT)
+                ok = _matches(received, self.expected)  # the initiator's clock has stopped by now
+                del received
+                writer.write(VERDICT_OK if ok else VERDICT_MISMATCH)
+                await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
+            except Exception as error:  # noqa: BLE001 - reported on stderr and in the exit status
+                self._fail(f"{mode}: exchange failed: {type(error).__name__}: {error}")
+                return
+            if not ok:
+                self._fail(f"{mode}: received {self.expected.nbytes} bytes that differ from the initiator's")
+            # the initiator closes first, once it has the verdict: p2pd's bridge does not
+            # survive an early close with bytes still in flight (DESIGN §5)
+            try:
+                await asyncio.wait_for(reader.read(1), LINGER_TIMEOUT)
+            except Exception:  # noqa: BLE001 - the exchange is over either way
+                pass
+        finally:
+            writer.close()
+
+    def _fail(self, message: str) -> None:
+        self.failures += 1
+        print(f"responder: {message}", file=sys.stderr, flush=True)
+
+
+async def _wait_for_eof(stream: IO[bytes], limit: float) -> bool:
+    """Read ``stream`` (our stdin) until it closes; False if ``limit`` seconds pass first."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
+    try:
+        async with asyncio.timeout(limit):
+            while await reader.read(4096):
+                pass
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        transport.close()
+
+
+async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
+    """The responder process: serve every mode until stdin closes; 0 if every exchange checked out."""
+    from hivemind.p2p import P2P
+
+    responder = _ResponderServer(_tensor(RESPONDER_SEED, numel), _tensor(INITIATOR_SEED, numel))
+    server = p2p = None
+    try:
+        server = await asyncio.wait_for(asyncio.start_server(responder.handle_tcp, "127.0.0.1", 0), SETUP_TIMEOUT)
+        p2p = await asyncio.wait_for(
+            P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT), SETUP_TIMEOUT + 5
+        )
+        await asyncio.wait_for(p2p.add_binary_stream_handler(RAW_PROTOCOL, responder.handle_p2p_raw), SETUP_TIMEOUT)
+        await asyncio.wait_for(p2p.add_binary_stream_handler(SWAP_PROTOCOL, responder.handle_p2p_swap), SETUP_TIMEOUT)
+        maddrs = await asyncio.wait_for(p2p.get_visible_maddrs(), SETUP_TIMEOUT)
+        ready = {
+            "pid": os.getpid(),
+            "tcp_port": server.sockets[0].getsockname()[1],
+            "peer_id": p2p.peer_id.to_base58(),
+            "maddrs": [str(maddr) for maddr in maddrs],
+        }
+        ready_out.write(READY_PREFIX + json.dumps(ready) + "\n")
+        ready_out.flush()
+        if not await _wait_for_eof(sys.stdin.buffer, lifetime):
+            print(f"responder: stdin still open after {lifetime:.0f}s; giving up", file=sys.stderr, flush=True)
+            return 1
+    finally:
+        if server is not None:
+            server.close()
+        if p2p is not None:
+            try:
+                await asyncio.wait_for(p2p.shutdown(), 10)
+            except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
+                print(f"responder: warning: p2pd shutdown: {error!r}", file=sys.stderr, flush=True)
+    return 1 if responder.failures else 0
+
+
+def _serve_entry(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.bench_exchange", description="bench exchange responder")
+    parser.add_argument("--serve", action="store_true", required=True)
+    parser.add_argument("--numel", type=int, required=True)
+    parser.add_argument("--lifetime", type=float, default=3600.0, help="exit if stdin is still open after this")
+    args = parser.parse_args(argv)
+    # the ready line is the only thing on our stdout: everything else (our prints, hivemind's
+    # logging, p2pd) goes to stderr, which the initiator shows if the benchmark fails
+    ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    try:
+        return uvloop.run(_serve_main(args.numel, args.lifetime, ready_out))
+    except Exception as error:  # noqa: BLE001 - a message and exit status 1
+        print(f"responder: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        ready_out.close()
+
+
+# ---------------------------------------------------------------------- the initiator's side of it
+class _ResponderProcess:
+    """The responder as a child process: started, waited for, stopped, its stderr kept for failures."""
+
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+        self.log = tempfile.TemporaryFile()
+        self.ready: dict = {}
+
+    async def start(self, numel: int, lifetime: float) -> dict:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)  # where the `node` package lives
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node.bench_exchange", "--serve",
+            "--numel", str(numel), "--lifetime", f"{lifetime:.0f}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop it via its stdin
+        )  # fmt: skip
+        async with asyncio.timeout(2 * SETUP_TIMEOUT + 10):
+            while line := await self.process.stdout.readline():
+                text = line.decode(errors="replace")
+                if text.startswith(READY_PREFIX):
+                    self.ready = json.loads(text[len(READY_PREFIX) :])
+                    return self.ready
+        raise RuntimeError(f"responder exited before it was ready (exit status {await self._wait(5)})")
+
+    async def _wait(self, limit: float) -> int | None:
+        try:
+            return await asyncio.wait_for(self.process.wait(), limit)
+        except TimeoutError:
+            return None
+
+    async def stop(self) -> int | None:
+        """Close its stdin and wait for it to shut down its p2pd and exit; terminate its group if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.returncode is None and self.process.stdin is not None:
+            self.process.stdin.close()
+        code = await self._wait(STOP_TIMEOUT)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if code is not None:
+                break
+            # its own session and process group: the signal reaches its p2pd too
+            print(f"warning: responder did not exit within {STOP_TIMEOUT:.0f}s; sending {sig.name}", file=sys.stderr)
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+            code = await self._wait(5)
+        return code
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def close(self) -> None:
+        self.log.close()
+
+
 @dataclass(frozen=True)
 class ModeResult:
     """Timings of one mode (seconds per exchange, warm-up excluded)."""
@@ -194,82 +335,86 @@ class ModeResult:
         return statistics.median(self.seconds)
 
 
-async def _repeat(
-    name: str,
-    repeats: int,
-    responder: _Responder[T],
-    open_stream: Opener,
-    work: Work[T],
-    a: np.ndarray,
-    b: np.ndarray,
-) -> ModeResult:
-    """One warm-up and ``repeats`` timed exchanges; the initiator sends ``a``, the responder ``b``."""
+async def _timed_exchange(name: str, open_stream: Opener, work: Work[T], expected: np.ndarray) -> float:
+    """Open a stream to the responder and run ``work``; seconds until both sides hold the partner's tensor."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(EXCHANGE_TIMEOUT):
+            started = time.perf_counter()
+            reader, writer = await open_stream()
+            received = await work(reader, writer)
+            elapsed = time.perf_counter() - started
+        if not _matches(received, expected):
+            raise TransferMismatch(f"{name}: the initiator received bytes that differ from the responder's")
+        del received
+        try:
+            verdict = await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
+        except asyncio.IncompleteReadError:
+            raise ConnectionError(f"{name}: the responder closed the stream without its verdict") from None
+        if verdict != VERDICT_OK:
+            raise TransferMismatch(f"{name}: the responder received bytes that differ from the initiator's")
+    finally:
+        if writer is not None:
+            writer.close()
+    return elapsed
+
+
+async def _repeat(name: str, repeats: int, open_stream: Opener, work: Work[T], expected: np.ndarray) -> ModeResult:
+    """One warm-up and ``repeats`` timed exchanges."""
     seconds = []
     for attempt in range(repeats + 1):
-        elapsed, mine, theirs = await _timed_exchange(responder, open_stream, work)
-        _check(mine, b, f"{name}: initiator")
-        _check(theirs, a, f"{name}: responder")
-        del mine, theirs
+        try:
+            elapsed = await _timed_exchange(name, open_stream, work, expected)
+        except TransferMismatch:
+            raise
+        except Exception as error:
+            what = "the warm-up" if attempt == 0 else f"timed exchange {attempt} of {repeats}"
+            raise ExchangeFailed(f"{name}, {what}: {type(error).__name__}: {error}") from error
         if attempt:
             seconds.append(elapsed)
     return ModeResult(name, seconds)
 
 
-async def _bench_raw_tcp(a: np.ndarray, b: np.ndarray, repeats: int) -> ModeResult:
-    """Mode 1: plain asyncio TCP over loopback."""
-    responder: _Responder[bytes] = _Responder(_raw_work(b))
-    server = await asyncio.wait_for(asyncio.start_server(responder.handle_tcp, "127.0.0.1", 0), SETUP_TIMEOUT)
+async def _bench_raw_tcp(port: int, a: np.ndarray, b: np.ndarray, repeats: int) -> ModeResult:
+    """Mode 1: plain asyncio TCP over loopback to the responder process."""
+
+    async def open_stream() -> StreamPair:
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    return await _repeat("raw TCP", repeats, open_stream, _raw_work(a, initiator=True), b)
+
+
+async def _bench_p2p(ready: dict, a: np.ndarray, b: np.ndarray, repeats: int) -> tuple[ModeResult, ModeResult]:
+    """Modes 2 and 3: our own P2P (own p2pd) to the responder's, a raw stream and the gossiptrain exchange."""
+    from hivemind.p2p import P2P, PeerID
+
+    p2p = None
     try:
-        port = server.sockets[0].getsockname()[1]
-
-        async def open_stream() -> StreamPair:
-            return await asyncio.open_connection("127.0.0.1", port)
-
-        return await _repeat("raw TCP", repeats, responder, open_stream, _raw_work(a), a, b)
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), SETUP_TIMEOUT)
-
-
-async def _bench_p2p(a: np.ndarray, b: np.ndarray, repeats: int) -> tuple[ModeResult, ModeResult]:
-    """Modes 2 and 3: two real P2P instances (one p2pd each), a raw stream and the gossiptrain exchange."""
-    from hivemind.p2p import P2P
-
-    responder_p2p = initiator_p2p = None
-    try:
-        responder_p2p = await asyncio.wait_for(
-            P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT), SETUP_TIMEOUT + 5
-        )
-        maddrs = await asyncio.wait_for(responder_p2p.get_visible_maddrs(), SETUP_TIMEOUT)
-        initiator_p2p = await asyncio.wait_for(
-            P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT),
+        p2p = await asyncio.wait_for(
+            P2P.create(
+                initial_peers=ready["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT
+            ),
             SETUP_TIMEOUT + 5,
         )
-        raw: _Responder[bytes] = _Responder(_raw_work(b))
-        swap: _Responder[np.ndarray] = _Responder(_swap_work(b))
-        await asyncio.wait_for(responder_p2p.add_binary_stream_handler(RAW_PROTOCOL, raw.handle_p2p), SETUP_TIMEOUT)
-        await asyncio.wait_for(responder_p2p.add_binary_stream_handler(SWAP_PROTOCOL, swap.handle_p2p), SETUP_TIMEOUT)
-        target = responder_p2p.peer_id
+        target = PeerID.from_base58(ready["peer_id"])
 
         def opener(protocol: str) -> Opener:
             async def open_stream() -> StreamPair:
-                _info, reader, writer = await asyncio.wait_for(
-                    initiator_p2p.call_binary_stream_handler(target, protocol), IO_TIMEOUT
-                )
+                opening = p2p.call_binary_stream_handler(target, protocol)
+                _info, reader, writer = await asyncio.wait_for(opening, IO_TIMEOUT)
                 return reader, writer
 
             return open_stream
 
-        stream = await _repeat("p2pd stream", repeats, raw, opener(RAW_PROTOCOL), _raw_work(a), a, b)
-        exchange = await _repeat("gossiptrain", repeats, swap, opener(SWAP_PROTOCOL), _swap_work(a), a, b)
+        stream = await _repeat("p2pd stream", repeats, opener(RAW_PROTOCOL), _raw_work(a, initiator=True), b)
+        exchange = await _repeat("gossiptrain", repeats, opener(SWAP_PROTOCOL), _swap_work(a), b)
         return stream, exchange
     finally:
-        for p2p in (initiator_p2p, responder_p2p):
-            if p2p is not None:
-                try:
-                    await asyncio.wait_for(p2p.shutdown(), 10)
-                except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
-                    print(f"warning: p2pd shutdown: {error!r}", file=sys.stderr)
+        if p2p is not None:
+            try:
+                await asyncio.wait_for(p2p.shutdown(), 10)
+            except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
+                print(f"warning: p2pd shutdown: {error!r}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- report
@@ -280,9 +425,12 @@ def _header(numel: int, repeats: int) -> str:
     return (
         f"pair exchange, full duplex: numel={numel:,} fp32 = {numel * 4 / 1e6:.1f} MB per direction, "
         f"chunks {CHUNK_BYTES // 2**20} MiB, median of {repeats} after 1 warm-up\n"
-        f"both peers in this one process and uvloop event loop (+ one p2pd per peer for the p2pd modes); "
+        f"two peers as separate processes on this machine over loopback (initiator: this process; "
+        f"responder: python -m node.bench_exchange --serve), each with its own uvloop event loop and, "
+        f"for the p2pd modes, its own p2pd; timed by the initiator until both hold the partner's tensor, "
+        f"verified outside the timed region\n"
         f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch_note}; "
-        f"CPUs {cpus} ({usable} usable)"
+        f"CPUs {cpus} ({usable} usable), shared by both peers and their p2pds"
     )
 
 
@@ -310,11 +458,38 @@ def _table(numel: int, results: list[ModeResult]) -> str:
     return "\n".join(lines) + "\n(ratios: throughput of this mode / throughput of the reference, 1.00x = as fast)"
 
 
+def _fail(message: str, responder: _ResponderProcess) -> int:
+    print(f"benchmark failed: {message}", file=sys.stderr)
+    tail = responder.log_tail()
+    if tail:
+        print(f"responder's stderr (last {LOG_TAIL_LINES} lines):\n{tail}", file=sys.stderr)
+    return 1
+
+
 async def _main(numel: int, repeats: int) -> int:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal(numel, dtype=np.float32)  # the initiator's tensor
-    b = rng.standard_normal(numel, dtype=np.float32)  # the responder's
-    results = [await _bench_raw_tcp(a, b, repeats), *await _bench_p2p(a, b, repeats)]
+    a = _tensor(INITIATOR_SEED, numel)  # ours
+    b = _tensor(RESPONDER_SEED, numel)  # what the responder process sends us
+    # the responder gives up by itself if we vanish without closing its stdin (we never hang it)
+    lifetime = 2 * SETUP_TIMEOUT + 3 * (repeats + 1) * (EXCHANGE_TIMEOUT + IO_TIMEOUT) + 60
+    responder = _ResponderProcess()
+    results: list[ModeResult] = []
+    error: BaseException | None = None
+    try:
+        try:
+            ready = await responder.start(numel, lifetime)
+            results.append(await _bench_raw_tcp(ready["tcp_port"], a, b, repeats))
+            results.extend(await _bench_p2p(ready, a, b, repeats))
+        except Exception as caught:  # noqa: BLE001 - reported below, with the responder's side of it
+            error = caught
+        finally:
+            code = await responder.stop()
+        if error is not None:
+            status = "" if code in (0, 1) else f" (the responder process exited with status {code})"
+            return _fail(f"{type(error).__name__}: {error}{status}", responder)
+        if code != 0:
+            return _fail(f"the responder process exited with status {code}", responder)
+    finally:
+        responder.close()
     print(_header(numel, repeats))
     print(_table(numel, results))
     return 0
@@ -327,6 +502,13 @@ def run_benchmark(numel: int, repeats: int) -> int:
         return 2
     try:
         return uvloop.run(_main(numel, repeats))
+    except KeyboardInterrupt:  # Ctrl-C: the finally blocks have stopped the responder and both p2pds
+        print("benchmark interrupted", file=sys.stderr)
+        return 130
     except Exception as error:  # noqa: BLE001 - a failed benchmark is a message and exit status 1
         print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_entry(sys.argv[1:]))

@@ -1,0 +1,18 @@
+"""`gossiptrain bench exchange` runs end to end and prints its table (figures are not asserted)."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_exchange_prints_all_three_modes():
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "bench", "exchange", "--numel", "200000", "--repeats", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0] + " " + line.split()[1] for line in result.stdout.splitlines() if line.count("x ") >= 2}
+    assert {"raw TCP", "p2pd stream"} <= rows and any(r.startswith("gossiptrain") for r in rows), result.stdout
