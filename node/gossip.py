@@ -36,7 +36,7 @@ from node.exchange import ExchangeAborted, confirm, flat_spec, transfer_tensors
 from node.membership import Membership
 from node.metrics import NodeMetrics
 from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
-from node.transport import FrameStream, PeerGone, PeerTimeout, RemoteError
+from node.transport import FrameStream, PeerTimeout
 
 logger = logging.getLogger(__name__)
 

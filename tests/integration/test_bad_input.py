@@ -141,7 +141,8 @@ async def test_node_refuses_malformed_frames_with_typed_errors(lone_node):
         await stream.writer.drain()
         stream.close()
     for kind in ("malformed", "oversized", "version", "type", "field", "truncated"):
-        poll(lambda: lone_node.metrics(0).get(f'gossiptrain_protocol_errors_total{{kind="{kind}"}}', 0) >= 1,
+        key = f'gossiptrain_protocol_errors_total{{kind="{kind}"}}'
+        poll(lambda key=key: lone_node.metrics(0).get(key, 0) >= 1,
              timeout=30, what=f"protocol_errors_total{{kind={kind}}} to count the refusal")
 
 

@@ -3,7 +3,6 @@
 import asyncio
 
 import numpy as np
-import pytest
 
 from node.exchange import flat_spec, swap_tensors
 from node.transport import FrameStream, PeerGone, RemoteError
