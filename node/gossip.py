@@ -140,7 +140,7 @@ class Gossip:
         self._round, self._outgoing = round_, outgoing
         self._deadline = started + timeout
         self._paired = paired = asyncio.get_running_loop().create_future()
-        tried: set[str] = set()
+        tried: set[tuple[str, int]] = set()  # (peer, its ready round): asked once per announcement
         try:
             await asyncio.wait_for(self.membership.announce_ready(round_, ttl=timeout), timeout)
             while not paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
@@ -150,11 +150,13 @@ class Gossip:
                 ready = await asyncio.wait_for(self.membership.ready_peers(), remaining)
                 if paired.done() or self._busy:
                     continue
-                partner = choose_partner(ready, round_, tried, self.settings.max_staleness, self.rng)
+                exclude = {peer for peer, their_round in ready.items() if (peer, their_round) in tried}
+                partner = choose_partner(ready, round_, exclude, self.settings.max_staleness, self.rng)
                 if partner is None:
                     await self._wait_for_news(min(POLL_INTERVAL, remaining))
                     continue
-                tried.add(partner)  # one try per peer per round; a refusing peer is not hammered
+                # a refusing peer is not hammered; it is asked again once it announces a new round
+                tried.add((partner, ready[partner]))
                 received = await self._request(partner, round_)
                 if received is not None and not paired.done():
                     paired.set_result((partner, *received))
