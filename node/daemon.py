@@ -31,6 +31,7 @@ from node.gossip import Gossip, GossipSettings
 from node.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics
 from node.pairing import clock_catch_up
+from node.tasks import BackgroundTasks
 from node.trainer import DeviceUnavailable, Trainer
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Node:
         self.initial_eval_loss: float | None = None
         self.started_at = time.time()
         self.p2p = self.dht = None
-        self.tasks: list[asyncio.Task] = []
+        self.background = BackgroundTasks()
 
         try:
             corpus = await self._compute(load_corpus, cfg.data or None)
@@ -149,6 +150,7 @@ class Node:
                 io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
             ),
             random.Random(digest),
+            self.background,
         )
         await self.gossip.start()
         await self.membership.heartbeat(self.round, None, self.maddrs)
@@ -184,7 +186,7 @@ class Node:
         self.request_stop()
 
     async def run(self) -> dict[str, Any]:
-        self.tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
+        self.background.spawn(self._heartbeat_loop())
         try:
             await self._wait_for_peers()
             self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
@@ -217,19 +219,19 @@ class Node:
         m = self.metrics
         m.inner_steps.inc(stats.steps)
         m.tokens.inc(stats.tokens)
-        m.tokens_per_second.set(stats.tokens / max(stats.seconds, 1e-9))
+        tokens_per_second = stats.tokens / max(stats.seconds, 1e-9)
+        m.tokens_per_second.set(tokens_per_second)
         m.train_loss.set(stats.mean_loss)
         m.round_seconds.observe(stats.seconds)
 
         partner, tensors, waited = None, None, 0.0
+        next_round = self.round + 1
         if self.cfg.sync == "noloco" and not self.stop_event.is_set():
             live_rounds = [peer.round for peer in self.membership.live.values()]
             if (caught_up := clock_catch_up(live_rounds, self.round, self.cfg.max_staleness)) is not None:
                 logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
                             self.cfg.max_staleness, self.round, caught_up)
-                self.round = caught_up
-        next_round = self.round + 1
-        if self.cfg.sync == "noloco" and not self.stop_event.is_set():
+                self.round, next_round = caught_up, caught_up + 1
             outgoing = await self._compute(self.trainer.outgoing_tensors)
             outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
             partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
@@ -245,20 +247,14 @@ class Node:
         self.round = next_round
         self.rounds_done += 1
         m.round.set(self.round)
-        self._spawn(self.membership.publish_presence(self.round, self.eval_loss, self.maddrs))  # fresh round for pairing
         self.eval_loss = await self._compute(self.trainer.evaluate)
         m.eval_loss.set(self.eval_loss)
+        # peers see our new round now, not at the next heartbeat: pairing depends on it
+        self.background.spawn(self.membership.publish_presence(self.round, self.eval_loss, self.maddrs))
         logger.info(
             "round %d  loss %.3f  eval %.3f  %5.0f tok/s  partner %s  wait %.2fs",
-            self.round, stats.mean_loss, self.eval_loss, stats.tokens / max(stats.seconds, 1e-9),
-            partner[-8:] if partner else "-", waited,
+            self.round, stats.mean_loss, self.eval_loss, tokens_per_second, partner[-8:] if partner else "-", waited,
         )
-
-    def _spawn(self, coroutine: Any) -> None:
-        """Fire-and-forget background work, tracked so it is cancelled on leave."""
-        task = asyncio.ensure_future(coroutine)
-        self.tasks.append(task)
-        task.add_done_callback(lambda t: t in self.tasks and self.tasks.remove(t))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -279,9 +275,7 @@ class Node:
 
     async def _leave(self) -> dict[str, Any]:
         self.gossip.stopping = True
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.background.cancel_all()
         state = await self._compute(self.trainer.state_for_save)
         state.update(round=self.round, peer_id=self.peer_id, manifest=self.manifest_hash)
         await self._compute(torch.save, state, self.work_dir / "final_state.pt")

@@ -36,6 +36,7 @@ from node.exchange import ExchangeAborted, confirm, flat_spec, transfer_tensors
 from node.membership import Membership
 from node.metrics import NodeMetrics
 from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
+from node.tasks import BackgroundTasks
 from node.transport import FrameStream, PeerTimeout
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,13 @@ def classify_failure(error: BaseException) -> str:
 
 class Gossip:
     def __init__(
-        self, p2p: P2P, membership: Membership, metrics: NodeMetrics, settings: GossipSettings, rng: random.Random
+        self,
+        p2p: P2P,
+        membership: Membership,
+        metrics: NodeMetrics,
+        settings: GossipSettings,
+        rng: random.Random,
+        background: BackgroundTasks,
     ) -> None:
         self.p2p = p2p
         self.membership = membership
@@ -100,7 +107,7 @@ class Gossip:
         self._incoming_task: asyncio.Task | None = None
         self._incoming_confirming = False
         self._wakeup = asyncio.Event()
-        self._background: set[asyncio.Task] = set()
+        self.background = background
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(EXCHANGE_PROTOCOL, self._handle_stream)
@@ -165,7 +172,7 @@ class Gossip:
         finally:
             await self._settle_incoming()
             self._round, self._outgoing = None, None
-            self._spawn(self.membership.withdraw_ready(round_))
+            self.background.spawn(self.membership.withdraw_ready(round_))
         elapsed = time.monotonic() - started
         if paired.done():
             partner, tensors, partner_round = paired.result()
@@ -183,11 +190,6 @@ class Gossip:
         if not incoming.done():
             incoming.cancel()
             await asyncio.gather(incoming, return_exceptions=True)
-
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _wait_for_news(self, timeout: float) -> None:
         self._wakeup.clear()
