@@ -49,6 +49,8 @@ from typing import IO, Awaitable, Callable, TypeVar
 import numpy as np
 import uvloop
 
+from node.table import format_table
+
 T = TypeVar("T")
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Work = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[T]]  # one side of an exchange
@@ -437,25 +439,18 @@ def _header(numel: int, repeats: int) -> str:
 def _table(numel: int, results: list[ModeResult]) -> str:
     megabytes = numel * 4 / 1e6
     raw, stream = results[0].median, results[1].median
-    rows = [("mode", "MB/s/dir", "seconds", "vs raw TCP", "vs p2pd", "runs (s)")]
-    for result in results:
-        median = result.median
-        rows.append((
-            result.name,
-            f"{megabytes / median:,.0f}",
-            f"{median:.3f}",
-            f"{raw / median:.2f}x",
-            f"{stream / median:.2f}x",
-            " ".join(f"{s:.3f}" for s in result.seconds),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for index, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:-1])]
-        lines.append("  ".join(cells + [row[-1]]))
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return "\n".join(lines) + "\n(ratios: throughput of this mode / throughput of the reference, 1.00x = as fast)"
+    rows = [
+        {
+            "mode": result.name,
+            "MB/s/dir": f"{megabytes / result.median:,.0f}",
+            "seconds": f"{result.median:.3f}",
+            "vs raw TCP": f"{raw / result.median:.2f}x",
+            "vs p2pd": f"{stream / result.median:.2f}x",
+            "runs (s)": " ".join(f"{s:.3f}" for s in result.seconds),
+        }
+        for result in results
+    ]
+    return format_table(rows) + "\n(ratios: throughput of this mode / throughput of the reference, 1.00x = as fast)"
 
 
 def _fail(message: str, responder: _ResponderProcess) -> int:

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from protocol import ProtocolError
 
 EXCHANGE_RESULTS = ("ok", "rejected", "timeout", "peer_gone", "protocol_error", "aborted", "no_partner")
+FAILED_RESULTS = ("timeout", "peer_gone", "protocol_error", "aborted")  # an accepted exchange that broke
 
 
 class NodeMetrics:
@@ -50,9 +51,8 @@ class NodeMetrics:
             self.exchanges.labels(result=result)
         for mode in ("paired", "local"):
             self.outer_rounds.labels(mode=mode)
-        for kind in ("exchange",):
-            self.bytes_sent.labels(kind=kind)
-            self.bytes_received.labels(kind=kind)
+        self.bytes_sent.labels(kind="exchange")
+        self.bytes_received.labels(kind="exchange")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint in a background thread; returns the bound port (0 picks one)."""

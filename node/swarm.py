@@ -22,6 +22,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from node.metrics import FAILED_RESULTS
+
 START_TIMEOUT = 90.0
 
 
@@ -169,19 +171,13 @@ class LocalSwarm:
             result.append(json.loads(path.read_text()) if path.exists() else {})
         return result
 
-    def __enter__(self) -> "LocalSwarm":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
 
 def progress_row(index: int, samples: dict[str, float]) -> dict[str, Any]:
     """One node's live progress from a scrape of its /metrics."""
     def exchanges(result: str) -> int:
         return int(samples.get(f'gossiptrain_exchanges_total{{result="{result}"}}', 0))
 
-    failed = sum(exchanges(r) for r in ("timeout", "peer_gone", "protocol_error", "aborted"))
+    failed = sum(exchanges(r) for r in FAILED_RESULTS)
     return {
         "node": index, "round": int(samples.get("gossiptrain_round", 0)),
         "loss": samples.get("gossiptrain_train_loss", math.nan), "eval": samples.get("gossiptrain_eval_loss", math.nan),
@@ -189,18 +185,3 @@ def progress_row(index: int, samples: dict[str, float]) -> dict[str, Any]:
         "alone": exchanges("no_partner"),
         "peers": int(samples.get("gossiptrain_peers_live", 0)),
     }
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no nodes)"
-    columns = list(rows[0])
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-        return str(value)
-
-    table = [[c for c in columns]] + [[cell(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in table)

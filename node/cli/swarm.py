@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from node.swarm import LocalSwarm, SwarmError, format_table, progress_row
+from node.metrics import FAILED_RESULTS
+from node.swarm import LocalSwarm, SwarmError, progress_row
+from node.table import format_table
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -60,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
             "node": index, "round": summary.get("round", 0), "rounds done": summary.get("rounds_done", 0),
             "eval start": summary.get("initial_eval_loss") or math.nan, "eval end": summary.get("eval_loss") or math.nan,
             "ex ok": exchanges.get("ok", 0),
-            "ex failed": sum(exchanges.get(k, 0) for k in ("timeout", "peer_gone", "protocol_error", "aborted")),
+            "ex failed": sum(exchanges.get(k, 0) for k in FAILED_RESULTS),
             "refused": exchanges.get("rejected", 0),
             "alone": exchanges.get("no_partner", 0), "seconds": summary.get("seconds", math.nan),
             "exit": swarm.nodes[index].process.returncode,
