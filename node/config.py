@@ -133,12 +133,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, list) and all(isinstance(item, str) for item in value):
                 return list(value)
             raise TypeError
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
-                return value.lower() in ("1", "true", "yes")
-            raise TypeError
         if isinstance(value, bool):
             raise TypeError  # TOML true is not an int
         if kind is int:

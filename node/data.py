@@ -71,7 +71,6 @@ def _collect(paths: list[str]) -> list[Path]:
 def load_corpus(paths: list[str] | None = None, max_bytes: int = MAX_BUILTIN_BYTES) -> Corpus:
     """Read the user's files (or the built-in corpus when none are given) into one byte array."""
     files = _collect(paths) if paths else _builtin_files()
-    digest = hashlib.sha256()
     chunks: list[bytes] = []
     total = 0
     for path in files:
@@ -83,12 +82,11 @@ def load_corpus(paths: list[str] | None = None, max_bytes: int = MAX_BUILTIN_BYT
         if total >= max_bytes:
             break
     blob = b"".join(chunks)
-    digest.update(blob)
     if len(blob) < HELDOUT_EVERY * BLOCK_BYTES:
         raise DataError(f"corpus has {len(blob)} bytes; need at least {HELDOUT_EVERY * BLOCK_BYTES} "
                         "(one held-out block of every 20)")
     description = "builtin:python-stdlib" if not paths else ",".join(paths)
-    return Corpus(np.frombuffer(blob, dtype=np.uint8), digest.hexdigest(), description)
+    return Corpus(np.frombuffer(blob, dtype=np.uint8), hashlib.sha256(blob).hexdigest(), description)
 
 
 class ShardSampler:

@@ -33,7 +33,6 @@ class DHTUnavailable(RuntimeError):
 class PeerRecord:
     peer_id: str
     round: int
-    manifest: str
     eval_loss: float | None
     expiration: float
 
@@ -109,7 +108,7 @@ class Membership:
             round_ = value.get("round")
             loss = value.get("eval_loss")
             live[peer_id] = PeerRecord(
-                peer_id, round_ if isinstance(round_, int) else -1, self.manifest_hash,
+                peer_id, round_ if isinstance(round_, int) else -1,
                 float(loss) if isinstance(loss, (int, float)) else None, entry.expiration_time,
             )
         self.live = live

@@ -62,7 +62,7 @@ class Trainer:
         self.model = build_model(model_cfg, cfg.seed).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)
-        self.slow_weights = self._fast_vector().clone()
+        self.slow_weights = self._fast_vector()  # parameters_to_vector already copies
         self.outer_momentum = torch.zeros_like(self.slow_weights)
         self.sampler = ShardSampler(corpus, shard, cfg.num_shards, cfg.context, cfg.batch_size, sampler_seed)
         self.heldout = heldout_batches(corpus, cfg.context, cfg.batch_size, cfg.eval_batches)
