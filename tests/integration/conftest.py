@@ -27,6 +27,11 @@ def poll(predicate: Callable[[], T], timeout: float, interval: float = 0.25, wha
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def rounds_done(samples: dict[str, float]) -> int:
+    """Rounds a node has computed (paired + local) according to one scrape; 0 if it did not answer."""
+    return int(sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{")))
+
+
 @pytest.fixture
 def make_swarm(tmp_path):
     swarms: list[LocalSwarm] = []

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.integration.conftest import TINY, poll
+from tests.integration.conftest import TINY, poll, rounds_done
 
 pytestmark = pytest.mark.integration
 
@@ -16,8 +16,7 @@ ARGS = TINY + ["--inner-steps", "20", "--sync-timeout", str(SYNC_TIMEOUT), "--io
 
 
 def rounds_of(swarm, index: int) -> int:
-    """Rounds computed so far (paired + local); 0 while the node does not answer."""
-    return int(sum(v for k, v in swarm.metrics(index).items() if k.startswith("gossiptrain_outer_rounds_total{")))
+    return rounds_done(swarm.metrics(index))
 
 
 def test_survivors_never_wait_past_the_deadline_for_a_frozen_partner(make_swarm):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from node.swarm import LocalSwarm
-from tests.integration.conftest import TINY, poll
+from tests.integration.conftest import TINY, poll, rounds_done
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +21,6 @@ REQUIRED_METRICS = [
     "gossiptrain_exchange_seconds", "gossiptrain_sync_wait_seconds", "gossiptrain_bytes_sent_total",
     "gossiptrain_bytes_received_total", "gossiptrain_partner_distance", "gossiptrain_protocol_errors_total",
 ]
-
-
-def rounds_done(samples: dict[str, float]) -> float:
-    return sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{"))
 
 
 def run_to_completion(swarm: LocalSwarm, mid_run_snapshot: bool) -> dict:
