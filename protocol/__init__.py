@@ -1,4 +1,4 @@
-"""Wire protocol of gossiptrain's pair exchange: framing, messages, tensor transfer, manifest hash.
+"""Wire protocol of gossiptrain (pair exchange, state sync): framing, messages, tensor transfer, manifest hash.
 
 Pure data handling only (stdlib, msgpack, numpy): no torch, no networking, no
 asyncio, so it can be used and tested in isolation. See SPEC.md for the
@@ -42,6 +42,8 @@ from protocol.messages import (
     ExchangeRequest,
     Message,
     MessageType,
+    StateOffer,
+    StateRequest,
     TensorChunk,
     TensorEnd,
     TensorHeader,
@@ -97,6 +99,8 @@ __all__ = [
     "TensorChunk",
     "TensorEnd",
     "ExchangeAck",
+    "StateRequest",
+    "StateOffer",
     "Message",
     "encode_message",
     "decode_message",

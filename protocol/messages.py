@@ -39,6 +39,8 @@ __all__ = [
     "TensorChunk",
     "TensorEnd",
     "ExchangeAck",
+    "StateRequest",
+    "StateOffer",
     "Message",
     "MESSAGE_CLASSES",
     "encode_message",
@@ -61,6 +63,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "flagged",
     "shutting_down",
     "bad_request",
+    "no_state",
 )
 
 # Caps on what the unpacker will materialise, so a small body cannot expand into
@@ -83,6 +86,8 @@ class MessageType(enum.IntEnum):
     TENSOR_CHUNK = 5
     TENSOR_END = 6
     EXCHANGE_ACK = 7
+    STATE_REQUEST = 8
+    STATE_OFFER = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +131,7 @@ class ExchangeAccept:
 
 @dataclass(frozen=True, slots=True)
 class ExchangeReject:
-    """Responder declines; ``reason`` is one of ``REJECT_REASONS``."""
+    """Responder (or state donor) declines; ``reason`` is one of ``REJECT_REASONS``."""
 
     TYPE: ClassVar[MessageType] = MessageType.EXCHANGE_REJECT
     reason: str
@@ -172,6 +177,34 @@ class ExchangeAck:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class StateRequest:
+    """A joiner asks a donor for its current state (slow weights and outer momentum)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.STATE_REQUEST
+    run_id: str
+    manifest_hash: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateOffer:
+    """The donor's answer: what state follows, then one tensor transfer per name of ``tensors``, in order.
+
+    ``global_step`` counts the inner steps behind this state, so that the joiner's
+    learning-rate schedule continues from it; every tensor is flat with ``numel``
+    elements of ``dtype``.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.STATE_OFFER
+    round: int
+    global_step: int
+    manifest_hash: str
+    tensors: tuple[str, ...]
+    numel: int
+    dtype: str
+
+
 Message = Union[
     ErrorMessage,
     ExchangeRequest,
@@ -181,6 +214,8 @@ Message = Union[
     TensorChunk,
     TensorEnd,
     ExchangeAck,
+    StateRequest,
+    StateOffer,
 ]
 
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
@@ -194,6 +229,8 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         TensorChunk,
         TensorEnd,
         ExchangeAck,
+        StateRequest,
+        StateOffer,
     )
 }
 
@@ -280,6 +317,19 @@ _FIELDS: dict[type[Message], tuple[tuple[str, _Checker], ...]] = {
     TensorChunk: (("index", _check_uint), ("data", _check_bytes)),
     TensorEnd: (("name", _check_str), ("checksum", _check_bytes)),
     ExchangeAck: (("ok", _check_bool), ("reason", _check_str)),
+    StateRequest: (
+        ("run_id", _check_str),
+        ("manifest_hash", _check_str),
+        ("sender", _check_str),
+    ),
+    StateOffer: (
+        ("round", _check_uint),
+        ("global_step", _check_uint),
+        ("manifest_hash", _check_str),
+        ("tensors", _check_names),
+        ("numel", _check_uint),
+        ("dtype", _check_str),
+    ),
 }
 
 

@@ -29,6 +29,8 @@ from protocol import (
     MessageType,
     NonFiniteTensor,
     ProtocolError,
+    StateOffer,
+    StateRequest,
     TensorChunk,
     TensorDtypeMismatch,
     TensorEnd,
@@ -72,6 +74,16 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(TensorChunk, index=_uint, data=st.binary(max_size=512)),
     st.builds(TensorEnd, name=_text, checksum=st.binary(max_size=32)),
     st.builds(ExchangeAck, ok=st.booleans(), reason=_text),
+    st.builds(StateRequest, run_id=_text, manifest_hash=_text, sender=_text),
+    st.builds(
+        StateOffer,
+        round=_uint,
+        global_step=_uint,
+        manifest_hash=_text,
+        tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
+        numel=_uint,
+        dtype=_text,
+    ),
 )
 
 _any_value = st.recursive(
@@ -129,7 +141,7 @@ def test_encoded_body_carries_version_and_type(msg: Message) -> None:
 
 def test_message_classes_cover_every_message_type() -> None:
     classes: list[type[Message]] = [ErrorMessage, ExchangeRequest, ExchangeAccept, ExchangeReject,
-               TensorHeader, TensorChunk, TensorEnd, ExchangeAck]
+               TensorHeader, TensorChunk, TensorEnd, ExchangeAck, StateRequest, StateOffer]
     assert sorted(c.TYPE for c in classes) == list(MessageType)
 
 
@@ -217,7 +229,7 @@ def test_decode_refuses_missing_version() -> None:
         decode_message(_pack({"t": 2, "round": 1}))
 
 
-@pytest.mark.parametrize("tag", [8, 99, -1, "2", 2.0, True, None])
+@pytest.mark.parametrize("tag", [max(MessageType) + 1, 99, -1, "2", 2.0, True, None])
 def test_decode_refuses_unknown_type(tag: Any) -> None:
     with pytest.raises(UnknownMessageType) as info:
         decode_message(_pack({"v": 1, "t": tag, "round": 1}))
