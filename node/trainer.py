@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from node.config import NodeConfig
 from node.data import Corpus, ShardSampler, heldout_batches
@@ -30,6 +30,7 @@ class RoundStats:
     last_loss: float
     tokens: int
     seconds: float
+    losses: tuple[float, ...] = ()  # every inner step's loss, in order
 
 
 class DeviceUnavailable(RuntimeError):
@@ -64,22 +65,42 @@ class Trainer:
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)
         self.slow_weights = self._fast_vector()  # parameters_to_vector already copies
         self.outer_momentum = torch.zeros_like(self.slow_weights)
+        self.published = (self.slow_weights, self.outer_momentum, 0)
         self.sampler = ShardSampler(corpus, shard, cfg.num_shards, cfg.context, cfg.batch_size, sampler_seed)
         self.heldout = heldout_batches(corpus, cfg.context, cfg.batch_size, cfg.eval_batches)
         self.global_step = 0
+        self.step_in_round = 0  # inner steps of the current round done so far (a leave may cut a round)
         self.numel = self.slow_weights.numel()
         self.interrupt = threading.Event()  # set by the daemon on leave: the round ends early
 
     def _fast_vector(self) -> torch.Tensor:
-        return parameters_to_vector(self.model.parameters()).detach()
+        return parameters_to_vector(self.model.parameters()).detach()  # a copy
+
+    @torch.no_grad()
+    def _load_parameters(self, flat: torch.Tensor) -> None:
+        """θ ← flat, copied into the parameters' own storage. (torch's vector_to_parameters would make
+        the parameters views of `flat`, so the inner steps would silently rewrite φ as well.)"""
+        offset = 0
+        for parameter in self.model.parameters():
+            count = parameter.numel()
+            parameter.copy_(flat[offset : offset + count].view_as(parameter))
+            offset += count
+
+    @property
+    def round_complete(self) -> bool:
+        return self.step_in_round >= self.cfg.inner_steps
 
     def run_round(self) -> RoundStats:
-        """H inner AdamW steps from θ = φ on this node's shard."""
+        """The rest of the round's H inner AdamW steps from θ = φ on this node's shard.
+
+        A set `interrupt` stops between two steps; `step_in_round` remembers where, so a
+        checkpoint taken then resumes the round exactly (the next call does the remaining steps).
+        """
         self.model.train()
         started = time.perf_counter()
         losses = []
-        for _ in range(self.cfg.inner_steps):
-            if self.interrupt.is_set() and losses:
+        while self.step_in_round < self.cfg.inner_steps:
+            if self.interrupt.is_set():
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.global_step, self.cfg)
@@ -91,20 +112,24 @@ class Trainer:
             self.optimizer.step()
             losses.append(loss.detach())
             self.global_step += 1
+            self.step_in_round += 1
+        if not losses:
+            return RoundStats(0, math.nan, math.nan, 0, time.perf_counter() - started)
         values = torch.stack(losses).float().cpu()
         if not torch.isfinite(values).all():
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
         tokens = len(losses) * self.cfg.batch_size * self.cfg.context
-        return RoundStats(len(losses), float(values.mean()), float(values[-1]), tokens, time.perf_counter() - started)
+        return RoundStats(len(losses), float(values.mean()), float(values[-1]), tokens, time.perf_counter() - started,
+                          tuple(values.tolist()))
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss of the slow weights φ on the shared held-out set."""
-        fast = self._fast_vector().clone()
-        vector_to_parameters(self.slow_weights, self.model.parameters())
+        fast = self._fast_vector()  # a copy
+        self._load_parameters(self.slow_weights)
         self.model.eval()
         total = sum(float(self.model.loss(x.to(self.device), y.to(self.device))) for x, y in self.heldout)
-        vector_to_parameters(fast, self.model.parameters())
+        self._load_parameters(fast)
         return total / len(self.heldout)
 
     def outgoing_tensors(self) -> dict[str, np.ndarray]:
@@ -137,13 +162,65 @@ class Trainer:
             slow, momentum = outer_step_full(
                 self.slow_weights, fast, self.outer_momentum, partner_slow, partner_delta, self.hyper
             )
-        self.slow_weights, self.outer_momentum = slow, momentum
-        vector_to_parameters(self.slow_weights, self.model.parameters())
+        self._set_slow_state(slow, momentum)
         return distance
 
-    def state_for_save(self) -> dict:
-        return {
-            "slow_weights": self.slow_weights.cpu(),
-            "outer_momentum": self.outer_momentum.cpu(),
-            "global_step": self.global_step,
-        }
+    def _set_slow_state(self, slow: torch.Tensor, momentum: torch.Tensor) -> None:
+        """Start a new round from φ: θ ← φ. φ and δ are replaced, never mutated in place, so a
+        donor streaming `slow_state()` to a joiner keeps reading one consistent pair."""
+        self.slow_weights, self.outer_momentum = slow, momentum
+        self._load_parameters(self.slow_weights)
+        self.step_in_round = 0
+        self.published = (slow, momentum, self.global_step)
+
+    # ------------------------------------------------------------------ state: checkpoints and joins
+    def slow_state(self, published: tuple | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """φ, δ (flat float32 CPU arrays) and the global step of a round boundary (default: the last one).
+
+        Safe from another thread while the trainer runs: `published` is replaced atomically and
+        its tensors are never written to. On CPU the arrays are views, not copies.
+        """
+        slow, momentum, step = published or self.published
+        return slow.float().cpu().numpy(), momentum.float().cpu().numpy(), step
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Everything needed to continue exactly here: (JSON-able meta, tensors)."""
+        tensors = {"phi": self.slow_weights, "momentum": self.outer_momentum, "rng.torch": torch.get_rng_state()}
+        if self.step_in_round:  # mid-round (a leave cut the round): θ differs from φ
+            tensors["theta"] = self._fast_vector()
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"adam.{index}.{key}"] = value
+        meta = {"global_step": self.global_step, "step_in_round": self.step_in_round,
+                "sampler": self.sampler.state_dict(), "numel": self.numel}
+        return meta, tensors
+
+    def restore(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint_state() (from this node's own checkpoint): continues step for step."""
+        self._check_numel(tensors["phi"], tensors["momentum"])
+        optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("adam."):
+                _, index, key = name.split(".", 2)
+                optimizer_state.setdefault(int(index), {})[key] = value
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
+        self.sampler.load_state_dict(meta["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.global_step = int(meta["global_step"])
+        self._set_slow_state(tensors["phi"].to(self.device), tensors["momentum"].to(self.device))
+        if "theta" in tensors:
+            self._load_parameters(tensors["theta"].to(self.device))
+        self.step_in_round = int(meta["step_in_round"])
+
+    def adopt(self, slow: np.ndarray, momentum: np.ndarray, global_step: int) -> None:
+        """Take the swarm's φ and δ from a donor. This node's own optimizer state and data position stay."""
+        slow_t, momentum_t = torch.from_numpy(slow), torch.from_numpy(momentum)
+        self._check_numel(slow_t, momentum_t)
+        self.global_step = global_step
+        self._set_slow_state(slow_t.to(self.device), momentum_t.to(self.device))
+
+    def _check_numel(self, *tensors: torch.Tensor) -> None:
+        for tensor in tensors:
+            if tensor.shape != (self.numel,):
+                raise ValueError(f"state of shape {tuple(tensor.shape)} for a model of {self.numel} parameters")

@@ -66,3 +66,92 @@ def test_lr_schedule_warms_up_then_decays_to_a_floor():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(10_000, cfg) == pytest.approx(0.1)
+
+
+def _run_rounds(trainer: Trainer, rounds: int) -> list[float]:
+    losses: list[float] = []
+    for _ in range(rounds):
+        losses += trainer.run_round().losses
+        trainer.apply_outer_step(None)
+    return losses
+
+
+def _interrupt_after(trainer: Trainer, steps: int) -> None:
+    """Set the trainer's interrupt once `steps` more batches have been drawn (as a SIGTERM would)."""
+    draw = trainer.sampler.next_batch
+    count = 0
+
+    def counting():
+        nonlocal count
+        count += 1
+        if count == steps:
+            trainer.interrupt.set()
+        return draw()
+
+    trainer.sampler.next_batch = counting
+
+
+@pytest.mark.parametrize("cut_at_step", [3, 5, 7])  # a round boundary (3 = 1 round) and mid-round cuts
+def test_stop_checkpoint_resume_continues_step_for_step(corpus, tmp_path, cut_at_step):
+    """Stopped after any inner step, checkpointed to disk and resumed in a fresh trainer, training
+    continues bit-identically to an uninterrupted run: same losses at every step, same final state."""
+    from node.checkpoint import load_latest, save_checkpoint
+
+    cfg = NodeConfig(**TINY)
+    reference = Trainer(cfg, corpus, shard=0, sampler_seed=5)
+    want_losses = _run_rounds(reference, 4)
+
+    first = Trainer(cfg, corpus, shard=0, sampler_seed=5)
+    _interrupt_after(first, cut_at_step)  # step cut_at_step completes, then the trainer stops
+    losses: list[float] = []
+    while True:
+        stats = first.run_round()
+        losses += stats.losses
+        if not first.round_complete:
+            break
+        first.apply_outer_step(None)
+        if first.interrupt.is_set():
+            break
+    assert len(losses) == cut_at_step
+    meta, tensors = first.checkpoint_state()
+    save_checkpoint(tmp_path, meta, tensors)
+    del first
+
+    checkpoint, skipped = load_latest(tmp_path)
+    assert checkpoint is not None and not skipped
+    resumed = Trainer(cfg, corpus, shard=0, sampler_seed=999)  # another seed: everything must come from disk
+    resumed.restore(checkpoint.meta, checkpoint.tensors)
+    while len(losses) < len(want_losses):
+        losses += resumed.run_round().losses
+        resumed.apply_outer_step(None)
+    assert losses == want_losses  # exact float equality, step for step
+    assert torch.equal(resumed.slow_weights, reference.slow_weights)
+    assert torch.equal(resumed.outer_momentum, reference.outer_momentum)
+    assert resumed.global_step == reference.global_step == 12
+
+
+def test_adopt_takes_the_donors_slow_state_and_step(corpus):
+    donor = Trainer(NodeConfig(**TINY), corpus, shard=0, sampler_seed=1)
+    _run_rounds(donor, 2)
+    slow, momentum, step = donor.slow_state()
+    joiner = Trainer(NodeConfig(**TINY), corpus, shard=1, sampler_seed=2)
+    joiner.adopt(slow.copy(), momentum.copy(), step)
+    assert joiner.global_step == step == 6 and joiner.step_in_round == 0
+    assert torch.equal(joiner.slow_weights, donor.slow_weights)
+    assert joiner.evaluate() == pytest.approx(donor.evaluate(), abs=1e-6)
+    with pytest.raises(ValueError, match="parameters"):
+        joiner.adopt(slow[:10].copy(), momentum[:10].copy(), step)
+
+
+def test_inner_steps_leave_the_slow_weights_alone(corpus):
+    """φ is fixed during a round: Δ = θ − φ must be the round's whole update (regression: the
+    parameters once aliased φ's storage, so every inner step rewrote φ and Δ was always 0)."""
+    trainer = Trainer(NodeConfig(**TINY), corpus, shard=0, sampler_seed=4)
+    for _ in range(2):
+        phi = trainer.slow_weights.clone()
+        trainer.run_round()
+        assert torch.equal(trainer.slow_weights, phi)
+        delta = torch.from_numpy(trainer.outgoing_tensors()["theta"].copy()) - phi
+        assert float(delta.norm()) > 1e-3
+        trainer.apply_outer_step(None)
+        trainer.evaluate()  # evaluating φ must not leave θ pointing at φ either
