@@ -23,7 +23,7 @@ def flat_spec(name: str, numel: int) -> TensorSpec:
     return TensorSpec(name=name, dtype="float32", shape=(numel,))
 
 
-async def _send_all(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_bytes: int) -> None:
+async def send_tensors(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_bytes: int) -> None:
     for name, array in outgoing.items():
         spec = flat_spec(name, array.size)
         messages = tensor_messages(spec, memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B"), chunk_bytes)
@@ -33,10 +33,13 @@ async def _send_all(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_
             await stream.send(message)
 
 
-async def _receive_all(stream: FrameStream, expected: list[TensorSpec]) -> dict[str, np.ndarray]:
+async def receive_tensors(
+    stream: FrameStream, expected: list[TensorSpec], buffers: dict[str, bytearray] | None = None
+) -> dict[str, np.ndarray]:
+    """Receive `expected` in order, each straight into its buffer (given, or allocated here): held once."""
     received = {}
     for spec in expected:
-        buffer = bytearray(spec.nbytes)  # received in place: the partner's tensor is held once
+        buffer = buffers[spec.name] if buffers is not None else bytearray(spec.nbytes)
         assembler = TensorAssembler(spec, out=buffer)
         done = False
         while not done:
@@ -57,8 +60,8 @@ async def transfer_tensors(
     not discovered only after the partner's whole tensor has arrived). Errors
     (ProtocolError, PeerGone, PeerTimeout, RemoteError) propagate; the caller closes the stream.
     """
-    sender = asyncio.ensure_future(_send_all(stream, outgoing, chunk_bytes))
-    receiver = asyncio.ensure_future(_receive_all(stream, expected))
+    sender = asyncio.ensure_future(send_tensors(stream, outgoing, chunk_bytes))
+    receiver = asyncio.ensure_future(receive_tensors(stream, expected))
     try:
         await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_EXCEPTION)
         for task in (receiver, sender):
