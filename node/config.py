@@ -69,6 +69,13 @@ class NodeConfig:
     presence_ttl: float = 6.0
     max_frame_bytes: int = 8 * 2**20
     chunk_bytes: int = 2 * 2**20
+    # --- join, leave, checkpoints ---
+    checkpoint_every: int = 5
+    checkpoint_keep: int = 3
+    resume_max_lag: int = 8
+    state_sync_timeout: float = 120.0
+    max_uploads: int = 1
+    leave_timeout: float = 60.0
     # --- observability ---
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
@@ -95,6 +102,10 @@ class NodeConfig:
             (0 <= self.alpha < 1 and self.beta > 0 and self.gamma > 0, "need 0 <= alpha < 1, beta > 0, gamma > 0"),
             (self.chunk_bytes >= 1024 and self.max_frame_bytes >= self.chunk_bytes + 1024,
              "max_frame_bytes must exceed chunk_bytes by at least 1 KiB"),
+            (self.checkpoint_every >= 0 and self.checkpoint_keep >= 1,
+             "checkpoint_every must be >= 0 (0: only on leave) and checkpoint_keep >= 1"),
+            (self.resume_max_lag >= 0 and self.max_uploads >= 0, "resume_max_lag and max_uploads must be >= 0"),
+            (self.state_sync_timeout > 0 and self.leave_timeout > 0, "state_sync_timeout and leave_timeout must be > 0"),
             (self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug/info/warning/error"),
         ]
         for ok, message in checks:

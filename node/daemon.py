@@ -18,19 +18,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from protocol import PROTOCOL_VERSION, manifest_hash
 
 from node import __version__
+from node.checkpoint import Checkpoint, load_latest, save_checkpoint
 from node.config import NodeConfig
 from node.data import DataError, load_corpus
 from node.gossip import Gossip, GossipSettings
+from node.join_plan import StartMode, donor_order, plan_start
 from node.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics
 from node.pairing import clock_catch_up
+from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
 from node.tasks import BackgroundTasks
 from node.trainer import DeviceUnavailable, Trainer
 
@@ -78,6 +80,11 @@ class Node:
         self.started_at = time.time()
         self.p2p = self.dht = None
         self.background = BackgroundTasks()
+        self.checkpoint_dir = self.work_dir / "checkpoints"
+        self.start_mode: StartMode | None = None  # set once the node has its weights (see _join)
+        self.start_detail = ""
+        self._donor: tuple[int, tuple] | None = None  # (round, trainer.published) served to joiners
+        self._checkpointed: tuple[int, int] | None = None  # (rounds done, global step) of the newest checkpoint
 
         try:
             corpus = await self._compute(load_corpus, cfg.data or None)
@@ -153,16 +160,23 @@ class Node:
             self.background,
         )
         await self.gossip.start()
-        await self.membership.heartbeat(self.round, None, self.maddrs)
+        self.state_settings = StateSyncSettings(
+            run_id=cfg.run_id, manifest_hash=self.manifest_hash, numel=self.trainer.numel,
+            io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
+        )
+        self.state_server = StateServer(self.p2p, self.state_settings, self.metrics, self._donor_state, cfg.max_uploads)
+        await self.state_server.start()
+        self.membership.on_view_change = self._on_view_change
+        self.rng = random.Random(digest)
 
         logger.info(
             "node %s up: %s swarm %r, shard %d/%d, %d parameters on %s, metrics on %s",
-            self.peer_id, "joined" if joined_existing else "started", cfg.run_id, shard, cfg.num_shards,
+            self.peer_id, "joining" if joined_existing else "starting", cfg.run_id, shard, cfg.num_shards,
             self.trainer.numel, self.trainer.device, self.metrics_port,
         )
         for maddr in self.maddrs:
             logger.info("others join with: --initial-peer %s", maddr)
-        self._write_status("running")
+        self._write_status("joining")
 
     async def _compute(self, function: Callable, *args: Any) -> Any:
         """Run blocking work on the trainer thread; the event loop stays free."""
@@ -171,9 +185,14 @@ class Node:
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
         if not self.stop_event.is_set():
-            logger.info("stop requested: finishing the current phase")
+            logger.info("stop requested: finishing the current phase, then leaving (a second signal forces exit)")
             self.stop_event.set()
             self.trainer.interrupt.set()
+            self.gossip.stop()
+            self.state_server.stopping = True
+            # a leave is bounded: whatever hangs, the process is gone after leave_timeout
+            self.loop.call_later(self.cfg.leave_timeout, self._force_exit,
+                                 f"leave did not finish within {self.cfg.leave_timeout:.0f}s")
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -181,21 +200,129 @@ class Node:
 
     def _on_signal(self) -> None:
         if self.stop_event.is_set():
-            logger.warning("second signal: exiting now")
-            os._exit(1)
+            self._force_exit("second signal")
         self.request_stop()
 
+    def _force_exit(self, why: str) -> None:
+        logger.warning("%s: exiting now without a final checkpoint (the last periodic one stays valid)", why)
+        child = getattr(self.p2p, "_child", None)
+        if child is not None and child.returncode is None:
+            child.kill()  # no orphaned p2pd
+        os._exit(1)
+
     async def run(self) -> dict[str, Any]:
-        self.background.spawn(self._heartbeat_loop())
         try:
-            await self._wait_for_peers()
-            self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
-            self.metrics.eval_loss.set(self.eval_loss)
+            await self._join()
+            if not self.stop_event.is_set():
+                self.background.spawn(self._heartbeat_loop())
+                self._write_status("running")
+                await self._wait_for_peers()
+            if not self.stop_event.is_set():
+                self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
+                self.metrics.eval_loss.set(self.eval_loss)
+                self._write_status("running")
+                logger.info("held-out loss at start: %.3f", self.eval_loss)
             while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
                 await self._run_round()
         finally:
             summary = await self._leave()
         return summary
+
+    # ------------------------------------------------------------------ join: resume, sync or fresh
+    async def _join(self) -> None:
+        """Get this node's weights: its own recent checkpoint, a live donor's state, or the seeded init."""
+        checkpoint = await self._load_own_checkpoint()
+        await self._read_view_for_join()
+        live_rounds = [peer.round for peer in self.membership.live.values()]
+        plan = plan_start(checkpoint.meta["round"] if checkpoint else None, live_rounds, self.cfg.resume_max_lag)
+        if checkpoint is not None:
+            # also before a re-sync: our optimizer state and data position are still ours to continue
+            await self._compute(self.trainer.restore, checkpoint.meta, checkpoint.tensors)
+            self.round, self.rounds_done = checkpoint.meta["round"], checkpoint.meta["rounds_done"]
+            self.start_detail = f"checkpoint {checkpoint.path.name} at round {self.round}"
+        if plan is StartMode.SYNC:
+            try:
+                if not await self._sync_from_donors():
+                    return  # stopped while downloading: nothing new to checkpoint
+            except StateSyncError as error:
+                if checkpoint is None:
+                    raise JoinError(f"{error}; retry later or add other --initial-peer addresses") from error
+                logger.warning("%s; continuing from our own stale checkpoint", error)
+                plan = StartMode.RESUME
+        self.start_mode = plan
+        self._donor = (self.round, self.trainer.published)
+        self.metrics.start_mode.labels(mode=plan.value).set(1)
+        self.metrics.round.set(self.round)
+        swarm_round = max(live_rounds, default=0)
+        logger.info("start: %s (%s; swarm front at round %d, %d live peers)", plan.value,
+                    self.start_detail or "seeded initial weights", swarm_round, len(live_rounds))
+
+    async def _load_own_checkpoint(self) -> Checkpoint | None:
+        checkpoint, skipped = await self._compute(load_latest, self.checkpoint_dir)
+        for path, reason in skipped:
+            self.metrics.checkpoints_damaged.inc()
+            logger.warning("checkpoint %s is damaged (%s): skipped", path.name, reason)
+        if checkpoint is None:
+            return None
+        meta = checkpoint.meta
+        if meta.get("manifest") != self.manifest_hash or meta.get("numel") != self.trainer.numel:
+            logger.warning("checkpoint %s belongs to another run manifest: not resuming from it", checkpoint.path.name)
+            return None
+        return checkpoint
+
+    async def _read_view_for_join(self) -> None:
+        """The live view decides resume vs re-sync; right after bootstrap give presence records a moment."""
+        deadline = time.monotonic() + self.cfg.presence_ttl
+        while True:
+            await self.membership.refresh_view()
+            if self.membership.live or not self.cfg.initial_peers or time.monotonic() >= deadline:
+                return
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), self.cfg.heartbeat / 2)
+                return
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+    async def _sync_from_donors(self) -> bool:
+        """Download and adopt the swarm's state; False if a stop came first. Raises StateSyncError."""
+        async def donors() -> list[str]:
+            await self.membership.refresh_view()
+            return donor_order({p: r.round for p, r in self.membership.live.items()}, self.cfg.max_staleness, self.rng)
+
+        download = asyncio.ensure_future(download_state(
+            self.p2p, self.state_settings, self.metrics, donors, self.cfg.state_sync_timeout))
+        stopped = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({download, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (download, stopped):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(download, stopped, return_exceptions=True)
+        if not download.done() or download.cancelled():
+            return False
+        synced = download.result()  # raises StateSyncError
+        await self._compute(self.trainer.adopt, synced.slow, synced.momentum, synced.global_step)
+        self.round = synced.round
+        self.metrics.state_sync_seconds.set(synced.seconds)
+        self.metrics.state_sync_bytes.inc(synced.nbytes)
+        self.start_detail = (f"donor {synced.donor[-8:]} at round {synced.round}, {synced.nbytes / 2**20:.1f} MiB in "
+                             f"{synced.seconds:.2f}s after {len(synced.attempts)} failed attempts")
+        return True
+
+    def _donor_state(self) -> DonorState | None:
+        """What this node serves a joiner: its last round boundary (None until it has its weights)."""
+        if self._donor is None:
+            return None
+        round_, published = self._donor
+        slow, momentum, step = self.trainer.slow_state(published)
+        return DonorState(round_, step, slow, momentum)
+
+    def _on_view_change(self, joined: set[str], left: set[str]) -> None:
+        self.metrics.peer_joins.inc(len(joined))
+        self.metrics.peer_leaves.inc(len(left))
+        if joined or left:
+            logger.info("live view: %s joined, %s left", [p[-8:] for p in joined] or "-", [p[-8:] for p in left] or "-")
 
     async def _wait_for_peers(self) -> None:
         """Hold the first round until min_peers others are live (bounded: then train anyway)."""
@@ -217,16 +344,21 @@ class Node:
     async def _run_round(self) -> None:
         stats = await self._compute(self.trainer.run_round)
         m = self.metrics
-        m.inner_steps.inc(stats.steps)
-        m.tokens.inc(stats.tokens)
         tokens_per_second = stats.tokens / max(stats.seconds, 1e-9)
-        m.tokens_per_second.set(tokens_per_second)
-        m.train_loss.set(stats.mean_loss)
-        m.round_seconds.observe(stats.seconds)
+        if stats.steps:
+            m.inner_steps.inc(stats.steps)
+            m.tokens.inc(stats.tokens)
+            m.tokens_per_second.set(tokens_per_second)
+            m.train_loss.set(stats.mean_loss)
+            m.round_seconds.observe(stats.seconds)
+        if self.stop_event.is_set():
+            # leaving before the outer step: the final checkpoint keeps θ and the step count, and a
+            # restart finishes this very round (the remaining inner steps, then the pairing)
+            return
 
         partner, tensors, waited = None, None, 0.0
         next_round = self.round + 1
-        if self.cfg.sync == "noloco" and not self.stop_event.is_set():
+        if self.cfg.sync == "noloco":
             live_rounds = [peer.round for peer in self.membership.live.values()]
             if (caught_up := clock_catch_up(live_rounds, self.round, self.cfg.max_staleness)) is not None:
                 logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
@@ -246,7 +378,10 @@ class Node:
         m.outer_rounds.labels(mode="paired" if partner else "local").inc()
         self.round = next_round
         self.rounds_done += 1
+        self._donor = (self.round, self.trainer.published)
         m.round.set(self.round)
+        if self.cfg.checkpoint_every and self.rounds_done % self.cfg.checkpoint_every == 0:
+            await self._checkpoint()
         self.eval_loss = await self._compute(self.trainer.evaluate)
         m.eval_loss.set(self.eval_loss)
         # peers see our new round now, not at the next heartbeat: pairing depends on it
@@ -273,18 +408,44 @@ class Node:
                 logger.warning("heartbeat failed: %s", error or type(error).__name__)
             await asyncio.sleep(self.cfg.heartbeat)
 
+    async def _checkpoint(self) -> None:
+        """Write a checkpoint on the trainer thread (the state must not move while it is written)."""
+        position = (self.rounds_done, self.trainer.global_step)
+        if position == self._checkpointed:
+            return  # the newest checkpoint already holds exactly this state
+        started = time.monotonic()
+        try:
+            path = await self._compute(self._write_checkpoint)
+        except Exception as error:  # noqa: BLE001 - disk full, permissions: training goes on, loudly
+            self.metrics.checkpoints.labels(result="failed").inc()
+            logger.error("checkpoint failed: %s", error)
+            return
+        seconds = time.monotonic() - started
+        self.metrics.checkpoint_seconds.observe(seconds)
+        self.metrics.checkpoint_last_success.set(time.time())
+        self.metrics.checkpoints.labels(result="ok").inc()
+        self._checkpointed = position
+        logger.debug("checkpoint %s written in %.2fs", path.name, seconds)
+
+    def _write_checkpoint(self) -> Path:
+        meta, tensors = self.trainer.checkpoint_state()
+        meta.update(format=1, manifest=self.manifest_hash, round=self.round, rounds_done=self.rounds_done,
+                    peer_id=self.peer_id, written_at=time.time())
+        return save_checkpoint(self.checkpoint_dir, meta, tensors, keep=self.cfg.checkpoint_keep)
+
     async def _leave(self) -> dict[str, Any]:
-        self.gossip.stopping = True
+        if not self.stop_event.is_set():
+            self.request_stop()  # arms the leave deadline; stops gossip and uploads
         await self.background.cancel_all()
-        state = await self._compute(self.trainer.state_for_save)
-        state.update(round=self.round, peer_id=self.peer_id, manifest=self.manifest_hash)
-        await self._compute(torch.save, state, self.work_dir / "final_state.pt")
+        if self.start_mode is not None:
+            # peers drop us at their next refresh (not after the TTL) while the final checkpoint is written
+            await asyncio.gather(self.membership.withdraw(), self._checkpoint())
         summary = self.summary()
         _write_json(self.work_dir / "summary.json", summary)
         self._write_status("stopped")
         await self._close_network()
         self.executor.shutdown(wait=True)
-        logger.info("node %s left after %d rounds", self.peer_id, self.round)
+        logger.info("node %s left at round %d after %d rounds", self.peer_id, self.round, self.rounds_done)
         return summary
 
     def _p2pd_exit_code(self) -> int | None:
@@ -309,7 +470,9 @@ class Node:
             if sample.name.endswith("_total")
         }
         return {
-            "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done, "initial_eval_loss": self.initial_eval_loss,
+            "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done,
+            "start": self.start_mode.value if self.start_mode else None, "start_detail": self.start_detail,
+            "initial_eval_loss": self.initial_eval_loss,
             "eval_loss": self.eval_loss, "exchanges": exchanges, "peers_seen": len(self.peers_seen),
             "seconds": time.time() - self.started_at,
         }
@@ -318,5 +481,6 @@ class Node:
         _write_json(self.work_dir / "node.json", {
             "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
             "metrics_port": self.metrics_port, "run_id": self.cfg.run_id, "manifest": self.manifest_hash,
-            "parameters": self.trainer.numel,
+            "parameters": self.trainer.numel, "start": self.start_mode.value if self.start_mode else None,
+            "start_detail": self.start_detail, "round": self.round, "initial_eval_loss": self.initial_eval_loss,
         })

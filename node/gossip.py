@@ -112,6 +112,11 @@ class Gossip:
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(EXCHANGE_PROTOCOL, self._handle_stream)
 
+    def stop(self) -> None:
+        """Leaving: refuse new requests, end the partner search now (an exchange under way finishes)."""
+        self.stopping = True
+        self._wakeup.set()
+
     def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameStream:
         return FrameStream(
             reader, writer,
@@ -151,6 +156,8 @@ class Gossip:
         try:
             await asyncio.wait_for(self.membership.announce_ready(round_, ttl=timeout), timeout)
             while not paired.done() and (remaining := self._deadline - time.monotonic()) > 0:
+                if self.stopping and not self._busy:
+                    break  # leaving: no new pairing; an exchange already under way is finished first
                 if self._busy:
                     await self._wait_for_news(remaining)
                     continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
@@ -46,6 +46,8 @@ class Membership:
         self.keys = {name: f"{run_id}.{name}" for name in ("manifest", "peers", "ready")}
         self.live: dict[str, PeerRecord] = {}
         self._ready_expiration = 0.0
+        self._presence_expiration = 0.0
+        self.on_view_change: Callable[[set[str], set[str]], None] = lambda joined, left: None
 
     async def _get(self, key: str) -> Any:
         """The value under key (None: nothing stored); DHTUnavailable when the DHT did not answer."""
@@ -87,7 +89,19 @@ class Membership:
 
     async def publish_presence(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
         presence = {"round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss, "maddrs": addresses}
-        await self._store("peers", presence, get_dht_time() + self.presence_ttl, subkey=self.peer_id)
+        # a DHT subkey is only replaced by a later expiration: keep ours increasing
+        self._presence_expiration = max(get_dht_time() + self.presence_ttl, self._presence_expiration + 0.01)
+        await self._store("peers", presence, self._presence_expiration, subkey=self.peer_id)
+
+    async def withdraw(self) -> None:
+        """Leave: replace our presence and ready records with 'left'/'done' ones, so peers drop us at
+        their next view refresh instead of when the TTL runs out (and stop asking us to pair)."""
+        self._presence_expiration += 1.0
+        left = {"manifest": self.manifest_hash, "left": True}
+        await asyncio.gather(
+            self._store("peers", left, self._presence_expiration, subkey=self.peer_id),
+            self.withdraw_ready(-1),
+        )
 
     async def refresh_view(self) -> dict[str, PeerRecord]:
         """Reload the live view; if the DHT does not answer, keep the last view minus expired peers."""
@@ -96,14 +110,17 @@ class Membership:
             entries = await self._get("peers")
         except DHTUnavailable as error:
             logger.warning("%s; keeping the last live view", error)
-            self.live = {peer: record for peer, record in self.live.items() if record.expiration > now}
+            expired = {peer for peer, record in self.live.items() if record.expiration <= now}
+            self.live = {peer: record for peer, record in self.live.items() if peer not in expired}
+            if expired:
+                self.on_view_change(set(), expired)
             return self.live
         live = {}
         for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
             value = getattr(entry, "value", None)
             if not isinstance(peer_id, str) or peer_id == self.peer_id or not isinstance(value, dict):
                 continue
-            if entry.expiration_time < now or value.get("manifest") != self.manifest_hash:
+            if entry.expiration_time < now or value.get("manifest") != self.manifest_hash or value.get("left"):
                 continue
             round_ = value.get("round")
             loss = value.get("eval_loss")
@@ -111,7 +128,10 @@ class Membership:
                 peer_id, round_ if isinstance(round_, int) else -1,
                 float(loss) if isinstance(loss, (int, float)) else None, entry.expiration_time,
             )
+        joined, left = live.keys() - self.live.keys(), self.live.keys() - live.keys()
         self.live = live
+        if joined or left:
+            self.on_view_change(set(joined), set(left))
         return live
 
     async def announce_ready(self, round_: int, ttl: float) -> None:

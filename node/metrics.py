@@ -42,6 +42,27 @@ class NodeMetrics:
             "gossiptrain_partner_distance", "L2 distance between own and partner fast weights at the last exchange",
             registry=r,
         )
+        self.state_sync_seconds = Gauge(
+            "gossiptrain_state_sync_seconds", "Duration of this node's state download when it joined", registry=r)
+        self.state_sync_bytes = Counter(
+            "gossiptrain_state_sync_bytes", "Tensor bytes of state downloaded from donors on join", registry=r)
+        self.state_uploads = Counter(
+            "gossiptrain_state_uploads", "State requests served to joiners, by result", ["result"], registry=r)
+        self.start_mode = Gauge(
+            "gossiptrain_start_mode", "How this process got its weights (1 for the mode used)", ["mode"], registry=r)
+        self.checkpoint_seconds = Histogram(
+            "gossiptrain_checkpoint_seconds", "Time to write one checkpoint (fsync included)", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.checkpoint_last_success = Gauge(
+            "gossiptrain_checkpoint_last_success_timestamp", "Unix time of the last checkpoint written", registry=r)
+        self.checkpoints = Counter("gossiptrain_checkpoints", "Checkpoint writes by result", ["result"], registry=r)
+        self.checkpoints_damaged = Counter(
+            "gossiptrain_checkpoints_damaged", "Checkpoints found truncated or corrupt at start-up (skipped)",
+            registry=r)
+        self.peer_joins = Counter("gossiptrain_peer_joins", "Peers that appeared in the live view", registry=r)
+        self.peer_leaves = Counter(
+            "gossiptrain_peer_leaves", "Peers that left the live view (clean leave or presence expired)", registry=r)
         self.protocol_errors = Counter(
             "gossiptrain_protocol_errors", "Malformed or refused input from peers", ["kind"], registry=r
         )
@@ -51,8 +72,13 @@ class NodeMetrics:
             self.exchanges.labels(result=result)
         for mode in ("paired", "local"):
             self.outer_rounds.labels(mode=mode)
-        self.bytes_sent.labels(kind="exchange")
-        self.bytes_received.labels(kind="exchange")
+        for kind in ("exchange", "state"):
+            self.bytes_sent.labels(kind=kind)
+            self.bytes_received.labels(kind=kind)
+        for result in ("ok", "refused", "failed"):
+            self.state_uploads.labels(result=result)
+        for result in ("ok", "failed"):
+            self.checkpoints.labels(result=result)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint in a background thread; returns the bound port (0 picks one)."""

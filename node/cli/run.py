@@ -64,7 +64,11 @@ async def run_node(cfg: NodeConfig) -> int:
         print(f"gossiptrain: error: {error}", file=sys.stderr)
         return 1
     node.install_signal_handlers()
-    await node.run()
+    try:
+        await node.run()
+    except JoinError as error:  # no donor delivered the swarm's state (the node has left cleanly)
+        print(f"gossiptrain: error: {error}", file=sys.stderr)
+        return 1
     return node.exit_code
 
 

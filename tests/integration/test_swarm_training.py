@@ -6,8 +6,8 @@ import itertools
 import math
 
 import pytest
-import torch
 
+from node.checkpoint import load_latest
 from node.swarm import LocalSwarm
 from tests.integration.conftest import TINY, poll, rounds_done
 
@@ -35,7 +35,7 @@ def run_to_completion(swarm: LocalSwarm, mid_run_snapshot: bool) -> dict:
         snapshot = poll(all_live_after_3_rounds, timeout=180, what="every node to compute 3 rounds")
     codes = swarm.wait_finished(timeout=300)
     assert codes == [0] * swarm.num_nodes, [n.log_tail() for n in swarm.nodes]
-    slow = [torch.load(n.work_dir / "final_state.pt")["slow_weights"] for n in swarm.nodes]
+    slow = [load_latest(n.work_dir / "checkpoints")[0].tensors["phi"] for n in swarm.nodes]
     distances = [float((a - b).norm()) for a, b in itertools.combinations(slow, 2)]
     return {"summaries": swarm.summaries(), "metrics": snapshot, "distance": sum(distances) / len(distances)}
 
