@@ -1,0 +1,550 @@
+"""`gossiptrain bench state-sync`: how long a joiner takes to download the swarm state, and what it holds meanwhile.
+
+For each state size (``numel`` parameters), a joiner downloads φ and δ (2 × numel fp32,
+8·numel tensor bytes) from a live donor, ``repeats`` times, along the exact code path a
+joining node uses: the donor serves through ``node.statesync.StateServer``, the joiner
+calls ``node.statesync.download_state``, with the settings a node gets by default
+(``NodeConfig``: chunk size, frame limit, per-read I/O timeout, one upload at a time).
+
+The two peers are two real nodes on this machine: the joiner is this process, the
+donor a separate OS process (``python -m node.bench_state --serve --numel N``) with its
+own event loop, GIL and p2pd, serving a synthetic random DonorState. It prints one ready
+line (peer id, addresses, round, step, and a blake2b checksum of its φ and δ) and serves
+until its stdin closes. The joiner has its own P2P (own p2pd) bootstrapped from the
+donor's multiaddrs.
+
+Each download is timed by the joiner from calling ``download_state`` until it returns
+(opening the stream, request, offer, both checksummed tensor transfers, the ack). There
+is no warm-up: a joiner downloads once, on a fresh stream, and so does every repeat.
+Afterwards, outside the timed region, the joiner checks the arrays it holds against the
+donor's checksum (and round and step); a broken transfer, or a download that needed a
+retry, fails the benchmark rather than being reported.
+
+Peak memory: the joiner's VmHWM (peak resident set) from /proc/self/status. Before each
+download, after a gc, the peak is reset to the current RSS by writing "5" to
+/proc/self/clear_refs (Linux >= 4.0), so every download is measured on its own: growth =
+VmHWM after − VmRSS before, reported as a ratio to the state's tensor bytes (1.00x: the
+state is held once; 2.00x would mean it is held twice). The previous download's result
+is released before the next, so each download allocates fresh buffers. Where the peak
+cannot be reset, only the first download is measured and the figure is an upper bound
+(the peak of everything before it counts too). Only this process is counted: the joiner's
+p2pd is a separate process whose buffers are not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import hashlib
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import uvloop
+
+from node.table import format_table
+
+LARGE_NUMEL = 100_000_000  # the second default size: a ~100M-parameter state, 800 MB of φ and δ
+RUN_ID = "gossiptrain-bench-state"
+MANIFEST_HASH = "b" * 64  # both sides use the same one; the donor checks it like any node does
+STATE_ROUND, STATE_STEP = 42, 2100  # what the donor claims; the joiner checks it received them
+DONOR_SEED = 7
+SETUP_TIMEOUT = 60.0  # starting a P2P instance, registering a handler
+STOP_TIMEOUT = 20.0  # the donor process shutting down after its stdin closed
+MIN_RATE = 5e6  # bytes/s: the download deadline is the node's state_sync_timeout, longer for huge states
+GENERATE_RATE = 20e6  # bytes/s: a lower bound on the donor generating and hashing its state (ready deadline)
+READY_PREFIX = "gossiptrain-bench-donor ready "
+LOG_TAIL_LINES = 20
+POLL_INTERVAL = 0.2  # seconds: the donor's exit status
+STATUS_FILE = "/proc/self/status"
+CLEAR_REFS_FILE = "/proc/self/clear_refs"
+
+
+class TransferMismatch(RuntimeError):
+    """The joiner holds something other than what the donor serves."""
+
+
+class DownloadFailed(RuntimeError):
+    """One download broke (donor gone, timeout, retry needed, ...): which one, and why."""
+
+
+def _settings(numel: int):
+    """What a node with the default configuration uses (node/daemon.py builds the same from NodeConfig)."""
+    from node.config import NodeConfig
+    from node.statesync import StateSyncSettings
+
+    cfg = NodeConfig()
+    return StateSyncSettings(
+        run_id=RUN_ID, manifest_hash=MANIFEST_HASH, numel=numel,
+        io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
+    )  # fmt: skip
+
+
+def _download_timeout(numel: int) -> float:
+    from node.config import NodeConfig
+
+    return max(NodeConfig().state_sync_timeout, 8 * numel / MIN_RATE)
+
+
+def _checksum(slow: np.ndarray, momentum: np.ndarray) -> str:
+    """blake2b of φ's bytes then δ's bytes, computed in place (no copy)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (slow, momentum):
+        digest.update(memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B"))
+    return digest.hexdigest()
+
+
+def default_sizes() -> list[int]:
+    """The default model's parameter count (NodeConfig defaults, built by node.model) and 100M."""
+    from node.config import NodeConfig
+    from node.model import ModelConfig, build_model, count_parameters
+
+    cfg = NodeConfig()
+    model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+    return [count_parameters(build_model(model_cfg, cfg.seed)), LARGE_NUMEL]
+
+
+# ---------------------------------------------------------------------- peak memory of this process
+def _status_bytes(key: str) -> int | None:
+    """A Vm* line of /proc/self/status in bytes; None where there is no such file."""
+    try:
+        with open(STATUS_FILE) as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open(CLEAR_REFS_FILE, "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMeter:
+    """Peak RSS growth of this process over one download: VmHWM after − VmRSS before."""
+
+    def __init__(self) -> None:
+        self.resettable = True  # until a reset fails
+        self.measured = 0  # downloads measured so far
+        self.before: int | None = None
+
+    def start(self) -> None:
+        gc.collect()  # the previous download's buffers are gone before the baseline is read
+        self.resettable = self.resettable and _reset_peak()
+        self.before = _status_bytes("VmRSS") if (self.resettable or self.measured == 0) else None
+
+    def stop(self) -> int | None:
+        """Bytes of growth, or None if this download is not measured."""
+        peak = _status_bytes("VmHWM")
+        if self.before is None or peak is None:
+            return None
+        self.measured += 1
+        return max(0, peak - self.before)
+
+    @property
+    def method(self) -> str:
+        if _status_bytes("VmHWM") is None:
+            return "peak RSS: not available on this system (no /proc/self/status)"
+        if self.resettable:
+            return ("peak RSS growth: VmHWM after − VmRSS before each download, the peak reset before each by "
+                    "writing 5 to /proc/self/clear_refs after a gc; largest of the downloads")
+        return ("peak RSS growth: /proc/self/clear_refs not writable, so the peak cannot be reset: first download "
+                "only, VmHWM after − VmRSS before, an upper bound")
+
+
+# ---------------------------------------------------------------------- the donor process
+async def _wait_for_eof(stream: IO[bytes], limit: float) -> bool:
+    """Read ``stream`` (our stdin) until it closes; False if ``limit`` seconds pass first."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
+    try:
+        async with asyncio.timeout(limit):
+            while await reader.read(4096):
+                pass
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        transport.close()
+
+
+async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
+    """The donor process: serve a random state until stdin closes; 0 if every upload went through."""
+    from hivemind.p2p import P2P
+
+    from node.metrics import NodeMetrics
+    from node.statesync import DonorState, StateServer
+
+    rng = np.random.default_rng(DONOR_SEED)
+    state = DonorState(
+        round=STATE_ROUND, global_step=STATE_STEP,
+        slow=rng.standard_normal(numel, dtype=np.float32), momentum=rng.standard_normal(numel, dtype=np.float32),
+    )  # fmt: skip
+    checksum = _checksum(state.slow, state.momentum)
+    metrics = NodeMetrics()
+    p2p = None
+    try:
+        p2p = await asyncio.wait_for(
+            P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT), SETUP_TIMEOUT + 5
+        )
+        server = StateServer(p2p, _settings(numel), metrics, lambda: state, max_uploads=1)
+        await asyncio.wait_for(server.start(), SETUP_TIMEOUT)
+        maddrs = await asyncio.wait_for(p2p.get_visible_maddrs(), SETUP_TIMEOUT)
+        ready = {
+            "pid": os.getpid(),
+            "peer_id": p2p.peer_id.to_base58(),
+            "maddrs": [str(maddr) for maddr in maddrs],
+            "round": state.round,
+            "global_step": state.global_step,
+            "checksum": checksum,
+        }
+        ready_out.write(READY_PREFIX + json.dumps(ready) + "\n")
+        ready_out.flush()
+        if not await _wait_for_eof(sys.stdin.buffer, lifetime):
+            print(f"donor: stdin still open after {lifetime:.0f}s; giving up", file=sys.stderr, flush=True)
+            return 1
+    finally:
+        if p2p is not None:
+            try:
+                await asyncio.wait_for(p2p.shutdown(), 10)
+            except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
+                print(f"donor: warning: p2pd shutdown: {error!r}", file=sys.stderr, flush=True)
+    bad = {
+        result: metrics.registry.get_sample_value("gossiptrain_state_uploads_total", {"result": result}) or 0
+        for result in ("refused", "failed")
+    }
+    if any(bad.values()):
+        print(f"donor: uploads refused {bad['refused']:.0f}, failed {bad['failed']:.0f}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _serve_entry(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.bench_state", description="bench state-sync donor")
+    parser.add_argument("--serve", action="store_true", required=True)
+    parser.add_argument("--numel", type=int, required=True)
+    parser.add_argument("--lifetime", type=float, default=3600.0, help="exit if stdin is still open after this")
+    args = parser.parse_args(argv)
+    # the ready line is the only thing on our stdout: everything else (our prints, hivemind's
+    # logging, p2pd) goes to stderr, which the joiner shows if the benchmark fails
+    ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    try:
+        return uvloop.run(_serve_main(args.numel, args.lifetime, ready_out))
+    except Exception as error:  # noqa: BLE001 - a message and exit status 1
+        print(f"donor: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        ready_out.close()
+
+
+# ---------------------------------------------------------------------- the joiner's side of it
+def _session_members(session: int) -> list[int]:
+    """Processes in session ``session`` and process group ``session`` (the donor's: it started both); Linux."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == session and int(fields[3]) == session:
+            members.append(int(entry))
+    return members
+
+
+class _DonorProcess:
+    """The donor as a child process: started, waited for, stopped, its stderr kept for failures."""
+
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+        self.log = tempfile.TemporaryFile()
+
+    async def start(self, numel: int, lifetime: float) -> dict:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)  # where the `node` package lives
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node.bench_state", "--serve", "--numel", str(numel), "--lifetime", f"{lifetime:.0f}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop it via its stdin
+        )  # fmt: skip
+        async with asyncio.timeout(2 * SETUP_TIMEOUT + 10 + 8 * numel / GENERATE_RATE):
+            while line := await self.process.stdout.readline():
+                text = line.decode(errors="replace")
+                if text.startswith(READY_PREFIX):
+                    return json.loads(text[len(READY_PREFIX) :])
+        raise RuntimeError(f"donor exited before it was ready (exit status {await self._wait(5)})")
+
+    async def exited(self) -> int:
+        """Its exit status, once it has exited.
+
+        Polls the return code: ``Process.wait()`` also waits for its pipes to close, and a
+        p2pd it leaves behind holds its stdin open (Python 3.11).
+        """
+        while self.process.returncode is None:
+            await asyncio.sleep(POLL_INTERVAL)
+        return self.process.returncode
+
+    async def _wait(self, limit: float) -> int | None:
+        try:
+            return await asyncio.wait_for(self.exited(), limit)
+        except TimeoutError:
+            return None
+
+    async def stop(self) -> int | None:
+        """Close its stdin and wait for it to shut down its p2pd and exit; terminate its group if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.returncode is None and self.process.stdin is not None:
+            self.process.stdin.close()
+        code = await self._wait(STOP_TIMEOUT)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if code is not None:
+                break
+            # its own session and process group: the signal reaches its p2pd too
+            print(f"warning: donor did not exit within {STOP_TIMEOUT:.0f}s; sending {sig.name}", file=sys.stderr)
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+            code = await self._wait(5)
+        await self._end_leftovers()
+        return code
+
+    async def _end_leftovers(self) -> None:
+        """End what the donor left running in its session (its p2pd, when the donor died without shutting it down)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            leftovers = _session_members(self.process.pid)
+            if not leftovers:
+                return
+            print(f"warning: the donor left {len(leftovers)} process(es) running; sending {sig.name}", file=sys.stderr)
+            for pid in leftovers:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            for _ in range(int(5 / POLL_INTERVAL)):
+                if not _session_members(self.process.pid):
+                    return
+                await asyncio.sleep(POLL_INTERVAL)
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").splitlines()
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def close(self) -> None:
+        self.log.close()
+
+
+@dataclass
+class SizeResult:
+    """One state size: seconds per download and peak RSS growth (bytes) of the measured ones."""
+
+    numel: int
+    seconds: list[float] = field(default_factory=list)
+    growth: list[int] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * 4 * self.numel  # φ and δ, fp32
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+async def _download_once(
+    p2p, donor: _DonorProcess, ready: dict, numel: int, meter: PeakMeter
+) -> tuple[float, int | None]:
+    """One download_state from the donor; (seconds, peak RSS growth), verified against the donor's checksum."""
+    from node.metrics import NodeMetrics
+    from node.statesync import download_state
+
+    async def donors() -> list[str]:
+        return [ready["peer_id"]]
+
+    settings, metrics, timeout = _settings(numel), NodeMetrics(), _download_timeout(numel)  # a node has these already
+    meter.start()
+    started = time.perf_counter()
+    download = asyncio.ensure_future(download_state(p2p, settings, metrics, donors, timeout))
+    exited = asyncio.ensure_future(donor.exited())  # download_state would retry a dead donor until its deadline
+    try:
+        await asyncio.wait({download, exited}, return_when=asyncio.FIRST_COMPLETED)
+        elapsed = time.perf_counter() - started
+        growth = meter.stop()
+    finally:
+        for task in (download, exited):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(download, exited, return_exceptions=True)
+    if not download.done() or download.cancelled():
+        raise RuntimeError(f"the donor process exited with status {exited.result()} during the download")
+    synced = download.result()  # raises StateSyncError
+    if synced.attempts:
+        raise RuntimeError(f"the download needed a retry: {synced.attempts}")
+    if (synced.round, synced.global_step) != (ready["round"], ready["global_step"]):
+        raise TransferMismatch(f"received round {synced.round} step {synced.global_step}, "
+                               f"the donor serves round {ready['round']} step {ready['global_step']}")
+    if _checksum(synced.slow, synced.momentum) != ready["checksum"]:
+        raise TransferMismatch("the joiner received arrays that differ from the donor's (checksum mismatch)")
+    return elapsed, growth
+
+
+async def _bench_size(numel: int, repeats: int, meter: PeakMeter) -> SizeResult:
+    """Start a donor of ``numel`` parameters, join it with our own P2P, download ``repeats`` times."""
+    from hivemind.p2p import P2P
+
+    # the donor gives up by itself if we vanish without closing its stdin (we never hang it)
+    lifetime = 3 * SETUP_TIMEOUT + repeats * (_download_timeout(numel) + 30) + 60
+    donor = _DonorProcess()
+    result = SizeResult(numel)
+    error: BaseException | None = None
+    p2p = None
+    try:
+        try:
+            ready = await donor.start(numel, lifetime)
+            p2p = await asyncio.wait_for(
+                P2P.create(
+                    initial_peers=ready["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT
+                ),
+                SETUP_TIMEOUT + 5,
+            )
+            for attempt in range(1, repeats + 1):
+                try:
+                    seconds, growth = await _download_once(p2p, donor, ready, numel, meter)
+                except TransferMismatch:
+                    raise
+                except Exception as caught:
+                    what = f"download {attempt} of {repeats}: {type(caught).__name__}: {caught}"
+                    raise DownloadFailed(what) from caught
+                result.seconds.append(seconds)
+                if growth is not None:
+                    result.growth.append(growth)
+                print(f"state-sync {numel:,}: download {attempt}/{repeats} {seconds:.3f}s", file=sys.stderr, flush=True)
+        except Exception as caught:  # noqa: BLE001 - reported below, with the donor's side of it
+            error = caught
+        finally:
+            if p2p is not None:
+                try:
+                    await asyncio.wait_for(p2p.shutdown(), 10)
+                except Exception as shutdown_error:  # noqa: BLE001 - best effort; the daemon was terminated
+                    print(f"warning: p2pd shutdown: {shutdown_error!r}", file=sys.stderr)
+            code = await donor.stop()
+        if error is None and code != 0:
+            error = RuntimeError(f"the donor process exited with status {code}")
+        if error is not None:
+            status = "" if code in (0, 1) or "exited with status" in str(error) else f" (donor exit status {code})"
+            tail = donor.log_tail()
+            note = f"\ndonor's stderr (last {LOG_TAIL_LINES} lines):\n{tail}" if tail else ""
+            raise DownloadFailed(f"{numel:,} parameters: {type(error).__name__}: {error}{status}{note}") from error
+    finally:
+        donor.close()
+    return result
+
+
+# ---------------------------------------------------------------------- report
+def _header(repeats: int, meter: PeakMeter) -> str:
+    from node.config import NodeConfig
+
+    cfg = NodeConfig()
+    cpus = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    torch_note = "imported by hivemind, unused here" if "torch" in sys.modules else "not imported"
+    return (
+        f"state sync: a joiner downloads φ and δ (2 × numel fp32) from one donor with node.statesync.download_state, "
+        f"{repeats} downloads per size, each on a fresh stream, no warm-up (a joiner downloads once)\n"
+        f"donor: a separate process (python -m node.bench_state --serve) with its own p2pd, serving a random "
+        f"DonorState through StateServer; joiner: this process, its own p2pd bootstrapped from the donor's "
+        f"multiaddrs; node defaults: chunks {cfg.chunk_bytes // 2**20} MiB, frames up to "
+        f"{cfg.max_frame_bytes / 2**20:.0f} MiB, I/O timeout {cfg.io_timeout:.0f}s; timed from calling "
+        f"download_state until it returns; arrays checked against the donor's blake2b outside the timed region\n"
+        f"{meter.method}; ratio = growth / state bytes (1.00x: the state is held once); the joiner's p2pd, "
+        f"a separate process, is not counted\n"
+        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch_note}; "
+        f"CPUs {cpus} ({usable} usable), shared by both peers and their p2pds"
+    )
+
+
+def _table(results: list[SizeResult]) -> str:
+    rows = []
+    for result in results:
+        megabytes = result.nbytes / 1e6
+        peak = max(result.growth) if result.growth else None
+        rows.append({
+            "numel": f"{result.numel:,}",
+            "MB": f"{megabytes:,.1f}",
+            "seconds median": f"{result.median:.3f}",
+            "seconds min": f"{min(result.seconds):.3f}",
+            "MB/s": f"{megabytes / result.median:,.0f}",
+            "peak RSS growth": "-" if peak is None else f"{peak / result.nbytes:.2f}x",
+            "growth MB": "-" if peak is None else f"{peak / 1e6:,.1f}",
+            "runs (s)": " ".join(f"{s:.3f}" for s in result.seconds),
+        })  # fmt: skip
+    return format_table(rows) + (
+        "\n(MB: tensor bytes of φ and δ, 1 MB = 10^6 bytes; MB/s at the median; peak RSS growth: the largest "
+        "of the downloads, fixed costs such as frame buffers dominate small states)"
+    )
+
+
+async def _main(sizes: list[int], repeats: int) -> int:
+    meter = PeakMeter()
+    results = []
+    for numel in sizes:
+        try:
+            results.append(await _bench_size(numel, repeats, meter))
+        except Exception as error:  # noqa: BLE001 - a failed benchmark is a message and exit status 1
+            print(f"benchmark failed: {error}", file=sys.stderr)
+            return 1
+    print(_header(repeats, meter))
+    print(_table(results))
+    return 0
+
+
+def run_benchmark(sizes: list[int], repeats: int) -> int:
+    """Time download_state for each state size; print the table; 0 on success. No sizes: default_sizes()."""
+    sizes = list(sizes) or default_sizes()
+    if min(sizes) <= 0 or repeats <= 0:
+        print("numel and repeats must be positive", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(_main(sizes, repeats))
+    except KeyboardInterrupt:  # Ctrl-C: the finally blocks have stopped the donor and both p2pds
+        print("benchmark interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - a failed benchmark is a message and exit status 1
+        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_entry(sys.argv[1:]))
