@@ -53,6 +53,13 @@ class NodeProcess:
             self.status = json.loads(path.read_text())
         return self.status
 
+    def kill_group(self) -> None:
+        """SIGKILL the node and everything in its process group (its p2pd), not only the Python process."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # started with start_new_session: it leads its group
+        except (ProcessLookupError, PermissionError):
+            self.process.kill()
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -161,7 +168,7 @@ class LocalSwarm:
             try:
                 node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                node.process.kill()
+                node.kill_group()
                 node.process.wait(timeout=10)
 
     def summaries(self) -> list[dict[str, Any]]:
