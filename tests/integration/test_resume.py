@@ -8,6 +8,7 @@ reported, and the previous good one is used.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -98,5 +99,42 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_pat
         assert f"checkpoint {newest.name} is damaged" in node.log_path.read_text()
         swarm.stop()
         assert node.process.returncode == 0
+    finally:
+        swarm.stop()
+
+
+def session_members(session_id: int) -> list[int]:
+    """Live processes in a session (the node's own session: LocalSwarm starts each node in a new one)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    fields = file.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id, [0]: state
+                members.append(int(entry))
+    return members
+
+
+def test_second_signal_forces_exit_without_orphaning_p2pd(tmp_path):
+    swarm = LocalSwarm(1, tmp_path / "node", args(tmp_path, ["--rounds", "0", "--inner-steps", "2000"]))
+    try:
+        node = swarm.start_node(0, [])
+        swarm.wait_until_up(node)
+        p2pd = [pid for pid in session_members(node.process.pid) if pid != node.process.pid]
+        assert p2pd  # the node's own p2pd
+        # a hung p2pd makes the leave itself hang (its DHT calls wait out their timeouts) ...
+        for pid in p2pd:
+            os.kill(pid, signal.SIGSTOP)
+        node.process.send_signal(signal.SIGTERM)
+        poll(lambda: "stop requested" in node.log_path.read_text(), timeout=10, what="the leave to begin")
+        assert node.process.poll() is None
+        # ... and a second signal ends it at once, taking p2pd down with the node
+        node.process.send_signal(signal.SIGTERM)
+        assert node.process.wait(timeout=10) == 1, node.log_tail()
+        assert "second signal" in node.log_path.read_text()
+        poll(lambda: not session_members(node.process.pid), timeout=10, what="p2pd to be gone too")
     finally:
         swarm.stop()
