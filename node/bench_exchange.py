@@ -32,23 +32,19 @@ rather than being reported as fast.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import platform
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Awaitable, Callable, TypeVar
 
 import numpy as np
 import uvloop
 
+from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, serve_entry
 from node.table import format_table
 
 T = TypeVar("T")
@@ -70,7 +66,6 @@ INITIATOR_SEED, RESPONDER_SEED = 1, 2
 ACK = b"\x06"  # raw modes: the responder has all of the initiator's bytes
 VERDICT_OK, VERDICT_MISMATCH = b"\x01", b"\x00"  # after the timed region: the responder's check
 READY_PREFIX = "gossiptrain-bench-responder ready "
-LOG_TAIL_LINES = 20
 
 
 class TransferMismatch(RuntimeError):
@@ -189,22 +184,6 @@ class _ResponderServer:
         print(f"responder: {message}", file=sys.stderr, flush=True)
 
 
-async def _wait_for_eof(stream: IO[bytes], limit: float) -> bool:
-    """Read ``stream`` (our stdin) until it closes; False if ``limit`` seconds pass first."""
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
-    try:
-        async with asyncio.timeout(limit):
-            while await reader.read(4096):
-                pass
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        transport.close()
-
-
 async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     """The responder process: serve every mode until stdin closes; 0 if every exchange checked out."""
     from hivemind.p2p import P2P
@@ -225,10 +204,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
             "peer_id": p2p.peer_id.to_base58(),
             "maddrs": [str(maddr) for maddr in maddrs],
         }
-        ready_out.write(READY_PREFIX + json.dumps(ready) + "\n")
-        ready_out.flush()
-        if not await _wait_for_eof(sys.stdin.buffer, lifetime):
-            print(f"responder: stdin still open after {lifetime:.0f}s; giving up", file=sys.stderr, flush=True)
+        if not await announce_and_serve("responder", ready_out, READY_PREFIX, ready, lifetime):
             return 1
     finally:
         if server is not None:
@@ -241,90 +217,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     return 1 if responder.failures else 0
 
 
-def _serve_entry(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.bench_exchange", description="bench exchange responder")
-    parser.add_argument("--serve", action="store_true", required=True)
-    parser.add_argument("--numel", type=int, required=True)
-    parser.add_argument("--lifetime", type=float, default=3600.0, help="exit if stdin is still open after this")
-    args = parser.parse_args(argv)
-    # the ready line is the only thing on our stdout: everything else (our prints, hivemind's
-    # logging, p2pd) goes to stderr, which the initiator shows if the benchmark fails
-    ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    try:
-        return uvloop.run(_serve_main(args.numel, args.lifetime, ready_out))
-    except Exception as error:  # noqa: BLE001 - a message and exit status 1
-        print(f"responder: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        ready_out.close()
-
-
 # ---------------------------------------------------------------------- the initiator's side of it
-class _ResponderProcess:
-    """The responder as a child process: started, waited for, stopped, its stderr kept for failures."""
-
-    def __init__(self) -> None:
-        self.process: asyncio.subprocess.Process | None = None
-        self.log = tempfile.TemporaryFile()
-        self.ready: dict = {}
-
-    async def start(self, numel: int, lifetime: float) -> dict:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)  # where the `node` package lives
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "node.bench_exchange", "--serve",
-            "--numel", str(numel), "--lifetime", f"{lifetime:.0f}",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self.log,
-            env=env,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop it via its stdin
-        )  # fmt: skip
-        async with asyncio.timeout(2 * SETUP_TIMEOUT + 10):
-            while line := await self.process.stdout.readline():
-                text = line.decode(errors="replace")
-                if text.startswith(READY_PREFIX):
-                    self.ready = json.loads(text[len(READY_PREFIX) :])
-                    return self.ready
-        raise RuntimeError(f"responder exited before it was ready (exit status {await self._wait(5)})")
-
-    async def _wait(self, limit: float) -> int | None:
-        try:
-            return await asyncio.wait_for(self.process.wait(), limit)
-        except TimeoutError:
-            return None
-
-    async def stop(self) -> int | None:
-        """Close its stdin and wait for it to shut down its p2pd and exit; terminate its group if it hangs."""
-        if self.process is None:
-            return None
-        if self.process.returncode is None and self.process.stdin is not None:
-            self.process.stdin.close()
-        code = await self._wait(STOP_TIMEOUT)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if code is not None:
-                break
-            # its own session and process group: the signal reaches its p2pd too
-            print(f"warning: responder did not exit within {STOP_TIMEOUT:.0f}s; sending {sig.name}", file=sys.stderr)
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
-            code = await self._wait(5)
-        return code
-
-    def log_tail(self) -> str:
-        self.log.seek(0)
-        lines = self.log.read().decode(errors="replace").splitlines()
-        return "\n".join(lines[-LOG_TAIL_LINES:])
-
-    def close(self) -> None:
-        self.log.close()
-
-
 @dataclass(frozen=True)
 class ModeResult:
     """Timings of one mode (seconds per exchange, warm-up excluded)."""
@@ -453,7 +346,7 @@ def _table(numel: int, results: list[ModeResult]) -> str:
     return format_table(rows) + "\n(ratios: throughput of this mode / throughput of the reference, 1.00x = as fast)"
 
 
-def _fail(message: str, responder: _ResponderProcess) -> int:
+def _fail(message: str, responder: ChildProcess) -> int:
     print(f"benchmark failed: {message}", file=sys.stderr)
     tail = responder.log_tail()
     if tail:
@@ -466,18 +359,18 @@ async def _main(numel: int, repeats: int) -> int:
     b = _tensor(RESPONDER_SEED, numel)  # what the responder process sends us
     # the responder gives up by itself if we vanish without closing its stdin (we never hang it)
     lifetime = 2 * SETUP_TIMEOUT + 3 * (repeats + 1) * (EXCHANGE_TIMEOUT + IO_TIMEOUT) + 60
-    responder = _ResponderProcess()
+    responder = ChildProcess("responder", "bench_exchange", READY_PREFIX)
     results: list[ModeResult] = []
     error: BaseException | None = None
     try:
         try:
-            ready = await responder.start(numel, lifetime)
+            ready = await responder.start(numel, lifetime, 2 * SETUP_TIMEOUT + 10)
             results.append(await _bench_raw_tcp(ready["tcp_port"], a, b, repeats))
             results.extend(await _bench_p2p(ready, a, b, repeats))
         except Exception as caught:  # noqa: BLE001 - reported below, with the responder's side of it
             error = caught
         finally:
-            code = await responder.stop()
+            code = await responder.stop(STOP_TIMEOUT)
         if error is not None:
             status = "" if code in (0, 1) else f" (the responder process exited with status {code})"
             return _fail(f"{type(error).__name__}: {error}{status}", responder)
@@ -506,4 +399,4 @@ def run_benchmark(numel: int, repeats: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve_entry(sys.argv[1:]))
+    sys.exit(serve_entry(sys.argv[1:], "bench_exchange", "bench exchange responder", "responder", _serve_main))

@@ -33,25 +33,21 @@ p2pd is a separate process whose buffers are not included.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import hashlib
-import json
 import os
 import platform
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 import numpy as np
 import uvloop
 
+from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, serve_entry
 from node.table import format_table
 
 LARGE_NUMEL = 100_000_000  # the second default size: a ~100M-parameter state, 800 MB of φ and δ
@@ -64,8 +60,6 @@ STOP_TIMEOUT = 20.0  # the donor process shutting down after its stdin closed
 MIN_RATE = 5e6  # bytes/s: the download deadline is the node's state_sync_timeout, longer for huge states
 GENERATE_RATE = 20e6  # bytes/s: a lower bound on the donor generating and hashing its state (ready deadline)
 READY_PREFIX = "gossiptrain-bench-donor ready "
-LOG_TAIL_LINES = 20
-POLL_INTERVAL = 0.2  # seconds: the donor's exit status
 STATUS_FILE = "/proc/self/status"
 CLEAR_REFS_FILE = "/proc/self/clear_refs"
 
@@ -170,22 +164,6 @@ class PeakMeter:
 
 
 # ---------------------------------------------------------------------- the donor process
-async def _wait_for_eof(stream: IO[bytes], limit: float) -> bool:
-    """Read ``stream`` (our stdin) until it closes; False if ``limit`` seconds pass first."""
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
-    try:
-        async with asyncio.timeout(limit):
-            while await reader.read(4096):
-                pass
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        transport.close()
-
-
 async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     """The donor process: serve a random state until stdin closes; 0 if every upload went through."""
     from hivemind.p2p import P2P
@@ -216,10 +194,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
             "global_step": state.global_step,
             "checksum": checksum,
         }
-        ready_out.write(READY_PREFIX + json.dumps(ready) + "\n")
-        ready_out.flush()
-        if not await _wait_for_eof(sys.stdin.buffer, lifetime):
-            print(f"donor: stdin still open after {lifetime:.0f}s; giving up", file=sys.stderr, flush=True)
+        if not await announce_and_serve("donor", ready_out, READY_PREFIX, ready, lifetime):
             return 1
     finally:
         if p2p is not None:
@@ -237,135 +212,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     return 0
 
 
-def _serve_entry(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node.bench_state", description="bench state-sync donor")
-    parser.add_argument("--serve", action="store_true", required=True)
-    parser.add_argument("--numel", type=int, required=True)
-    parser.add_argument("--lifetime", type=float, default=3600.0, help="exit if stdin is still open after this")
-    args = parser.parse_args(argv)
-    # the ready line is the only thing on our stdout: everything else (our prints, hivemind's
-    # logging, p2pd) goes to stderr, which the joiner shows if the benchmark fails
-    ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    try:
-        return uvloop.run(_serve_main(args.numel, args.lifetime, ready_out))
-    except Exception as error:  # noqa: BLE001 - a message and exit status 1
-        print(f"donor: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        ready_out.close()
-
-
 # ---------------------------------------------------------------------- the joiner's side of it
-def _session_members(session: int) -> list[int]:
-    """Processes in session ``session`` and process group ``session`` (the donor's: it started both); Linux."""
-    members = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return members
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == session and int(fields[3]) == session:
-            members.append(int(entry))
-    return members
-
-
-class _DonorProcess:
-    """The donor as a child process: started, waited for, stopped, its stderr kept for failures."""
-
-    def __init__(self) -> None:
-        self.process: asyncio.subprocess.Process | None = None
-        self.log = tempfile.TemporaryFile()
-
-    async def start(self, numel: int, lifetime: float) -> dict:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)  # where the `node` package lives
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "node.bench_state", "--serve", "--numel", str(numel), "--lifetime", f"{lifetime:.0f}",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self.log,
-            env=env,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop it via its stdin
-        )  # fmt: skip
-        async with asyncio.timeout(2 * SETUP_TIMEOUT + 10 + 8 * numel / GENERATE_RATE):
-            while line := await self.process.stdout.readline():
-                text = line.decode(errors="replace")
-                if text.startswith(READY_PREFIX):
-                    return json.loads(text[len(READY_PREFIX) :])
-        raise RuntimeError(f"donor exited before it was ready (exit status {await self._wait(5)})")
-
-    async def exited(self) -> int:
-        """Its exit status, once it has exited.
-
-        Polls the return code: ``Process.wait()`` also waits for its pipes to close, and a
-        p2pd it leaves behind holds its stdin open (Python 3.11).
-        """
-        while self.process.returncode is None:
-            await asyncio.sleep(POLL_INTERVAL)
-        return self.process.returncode
-
-    async def _wait(self, limit: float) -> int | None:
-        try:
-            return await asyncio.wait_for(self.exited(), limit)
-        except TimeoutError:
-            return None
-
-    async def stop(self) -> int | None:
-        """Close its stdin and wait for it to shut down its p2pd and exit; terminate its group if it hangs."""
-        if self.process is None:
-            return None
-        if self.process.returncode is None and self.process.stdin is not None:
-            self.process.stdin.close()
-        code = await self._wait(STOP_TIMEOUT)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if code is not None:
-                break
-            # its own session and process group: the signal reaches its p2pd too
-            print(f"warning: donor did not exit within {STOP_TIMEOUT:.0f}s; sending {sig.name}", file=sys.stderr)
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
-            code = await self._wait(5)
-        await self._end_leftovers()
-        return code
-
-    async def _end_leftovers(self) -> None:
-        """End what the donor left running in its session (its p2pd, when the donor died without shutting it down)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            leftovers = _session_members(self.process.pid)
-            if not leftovers:
-                return
-            print(f"warning: the donor left {len(leftovers)} process(es) running; sending {sig.name}", file=sys.stderr)
-            for pid in leftovers:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            for _ in range(int(5 / POLL_INTERVAL)):
-                if not _session_members(self.process.pid):
-                    return
-                await asyncio.sleep(POLL_INTERVAL)
-
-    def log_tail(self) -> str:
-        self.log.seek(0)
-        lines = self.log.read().decode(errors="replace").splitlines()
-        return "\n".join(lines[-LOG_TAIL_LINES:])
-
-    def close(self) -> None:
-        self.log.close()
-
-
 @dataclass
 class SizeResult:
     """One state size: seconds per download and peak RSS growth (bytes) of the measured ones."""
@@ -384,7 +231,7 @@ class SizeResult:
 
 
 async def _download_once(
-    p2p, donor: _DonorProcess, ready: dict, numel: int, meter: PeakMeter
+    p2p, donor: ChildProcess, ready: dict, numel: int, meter: PeakMeter
 ) -> tuple[float, int | None]:
     """One download_state from the donor; (seconds, peak RSS growth), verified against the donor's checksum."""
     from node.metrics import NodeMetrics
@@ -426,13 +273,13 @@ async def _bench_size(numel: int, repeats: int, meter: PeakMeter) -> SizeResult:
 
     # the donor gives up by itself if we vanish without closing its stdin (we never hang it)
     lifetime = 3 * SETUP_TIMEOUT + repeats * (_download_timeout(numel) + 30) + 60
-    donor = _DonorProcess()
+    donor = ChildProcess("donor", "bench_state", READY_PREFIX)
     result = SizeResult(numel)
     error: BaseException | None = None
     p2p = None
     try:
         try:
-            ready = await donor.start(numel, lifetime)
+            ready = await donor.start(numel, lifetime, 2 * SETUP_TIMEOUT + 10 + 8 * numel / GENERATE_RATE)
             p2p = await asyncio.wait_for(
                 P2P.create(
                     initial_peers=ready["maddrs"], host_maddrs=["/ip4/127.0.0.1/tcp/0"], startup_timeout=SETUP_TIMEOUT
@@ -459,7 +306,7 @@ async def _bench_size(numel: int, repeats: int, meter: PeakMeter) -> SizeResult:
                     await asyncio.wait_for(p2p.shutdown(), 10)
                 except Exception as shutdown_error:  # noqa: BLE001 - best effort; the daemon was terminated
                     print(f"warning: p2pd shutdown: {shutdown_error!r}", file=sys.stderr)
-            code = await donor.stop()
+            code = await donor.stop(STOP_TIMEOUT)
         if error is None and code != 0:
             error = RuntimeError(f"the donor process exited with status {code}")
         if error is not None:
@@ -547,4 +394,4 @@ def run_benchmark(sizes: list[int], repeats: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve_entry(sys.argv[1:]))
+    sys.exit(serve_entry(sys.argv[1:], "bench_state", "bench state-sync donor", "donor", _serve_main))
