@@ -191,8 +191,9 @@ def test_decode_of_arbitrary_bytes_raises_only_protocol_errors(body: bytes) -> N
     msg=MESSAGES,
     changes=st.lists(
         st.tuples(
-            st.sampled_from(["v", "t", "round", "name", "data", "shape", "tensors", "ok",
-                             "reason", "index", "checksum", "kind", "extra"]),
+            st.sampled_from(["v", "t", "round", "name", "data", "shape", "tensors", "ok", "reason", "index",
+                             "checksum", "kind", "run_id", "manifest_hash", "sender", "global_step", "numel",
+                             "dtype", "extra"]),
             st.none() | _any_value,
         ),
         min_size=1,
