@@ -83,6 +83,21 @@ def serve_entry(argv: list[str], module: str, description: str, role: str, serve
 
 
 # ---------------------------------------------------------------------- the parent's side
+def run_parent(main: Awaitable[int]) -> int:
+    """Run a benchmark's main coroutine on uvloop: its status, 130 on Ctrl-C, 1 (with a message) on failure.
+
+    The coroutine's own finally blocks stop the child and both p2pds on every path.
+    """
+    try:
+        return uvloop.run(main)
+    except KeyboardInterrupt:
+        print("benchmark interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - a failed benchmark is a message and exit status 1
+        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
 def session_members(session: int) -> list[int]:
     """Processes in session ``session`` and process group ``session`` (the child's: it started both); Linux."""
     members = []

@@ -42,9 +42,8 @@ from dataclasses import dataclass
 from typing import IO, Awaitable, Callable, TypeVar
 
 import numpy as np
-import uvloop
 
-from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, serve_entry
+from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
 from node.table import format_table
 
 T = TypeVar("T")
@@ -388,14 +387,7 @@ def run_benchmark(numel: int, repeats: int) -> int:
     if numel <= 0 or repeats <= 0:
         print("numel and repeats must be positive", file=sys.stderr)
         return 2
-    try:
-        return uvloop.run(_main(numel, repeats))
-    except KeyboardInterrupt:  # Ctrl-C: the finally blocks have stopped the responder and both p2pds
-        print("benchmark interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - a failed benchmark is a message and exit status 1
-        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    return run_parent(_main(numel, repeats))
 
 
 if __name__ == "__main__":

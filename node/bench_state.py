@@ -45,9 +45,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import numpy as np
-import uvloop
 
-from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, serve_entry
+from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
 from node.table import format_table
 
 LARGE_NUMEL = 100_000_000  # the second default size: a ~100M-parameter state, 800 MB of φ and δ
@@ -383,14 +382,7 @@ def run_benchmark(sizes: list[int], repeats: int) -> int:
     if min(sizes) <= 0 or repeats <= 0:
         print("numel and repeats must be positive", file=sys.stderr)
         return 2
-    try:
-        return uvloop.run(_main(sizes, repeats))
-    except KeyboardInterrupt:  # Ctrl-C: the finally blocks have stopped the donor and both p2pds
-        print("benchmark interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - a failed benchmark is a message and exit status 1
-        print(f"benchmark failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    return run_parent(_main(sizes, repeats))
 
 
 if __name__ == "__main__":
