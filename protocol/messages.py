@@ -41,6 +41,8 @@ __all__ = [
     "ExchangeAck",
     "StateRequest",
     "StateOffer",
+    "AuditRequest",
+    "AuditOffer",
     "Message",
     "MESSAGE_CLASSES",
     "encode_message",
@@ -88,6 +90,8 @@ class MessageType(enum.IntEnum):
     EXCHANGE_ACK = 7
     STATE_REQUEST = 8
     STATE_OFFER = 9
+    AUDIT_REQUEST = 10
+    AUDIT_OFFER = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +209,33 @@ class StateOffer:
     dtype: str
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRequest:
+    """A verifier asks a peer for the state it started ``round`` from (to replay that round)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.AUDIT_REQUEST
+    run_id: str
+    manifest_hash: str
+    sender: str
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditOffer:
+    """The audited peer's answer: one tensor transfer per name of ``tensors`` follows, in order.
+
+    ``start_digest`` must equal the one in the peer's signed commitment for ``round``;
+    the verifier recomputes it from what arrives.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.AUDIT_OFFER
+    round: int
+    start_digest: str
+    tensors: tuple[str, ...]
+    numel: int
+    dtype: str
+
+
 Message = Union[
     ErrorMessage,
     ExchangeRequest,
@@ -216,6 +247,8 @@ Message = Union[
     ExchangeAck,
     StateRequest,
     StateOffer,
+    AuditRequest,
+    AuditOffer,
 ]
 
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
@@ -231,6 +264,8 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         ExchangeAck,
         StateRequest,
         StateOffer,
+        AuditRequest,
+        AuditOffer,
     )
 }
 
@@ -326,6 +361,19 @@ _FIELDS: dict[type[Message], tuple[tuple[str, _Checker], ...]] = {
         ("round", _check_uint),
         ("global_step", _check_uint),
         ("manifest_hash", _check_str),
+        ("tensors", _check_names),
+        ("numel", _check_uint),
+        ("dtype", _check_str),
+    ),
+    AuditRequest: (
+        ("run_id", _check_str),
+        ("manifest_hash", _check_str),
+        ("sender", _check_str),
+        ("round", _check_uint),
+    ),
+    AuditOffer: (
+        ("round", _check_uint),
+        ("start_digest", _check_str),
         ("tensors", _check_names),
         ("numel", _check_uint),
         ("dtype", _check_str),

@@ -17,6 +17,8 @@ from protocol import (
     REJECT_REASONS,
     ChecksumMismatch,
     ChunkSequenceError,
+    AuditOffer,
+    AuditRequest,
     ErrorMessage,
     ExchangeAccept,
     ExchangeAck,
@@ -84,6 +86,15 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
         numel=_uint,
         dtype=_text,
     ),
+    st.builds(AuditRequest, run_id=_text, manifest_hash=_text, sender=_text, round=_uint),
+    st.builds(
+        AuditOffer,
+        round=_uint,
+        start_digest=_text,
+        tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
+        numel=_uint,
+        dtype=_text,
+    ),
 )
 
 _any_value = st.recursive(
@@ -141,7 +152,8 @@ def test_encoded_body_carries_version_and_type(msg: Message) -> None:
 
 def test_message_classes_cover_every_message_type() -> None:
     classes: list[type[Message]] = [ErrorMessage, ExchangeRequest, ExchangeAccept, ExchangeReject,
-               TensorHeader, TensorChunk, TensorEnd, ExchangeAck, StateRequest, StateOffer]
+               TensorHeader, TensorChunk, TensorEnd, ExchangeAck, StateRequest, StateOffer,
+               AuditRequest, AuditOffer]
     assert sorted(c.TYPE for c in classes) == list(MessageType)
 
 
