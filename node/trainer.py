@@ -8,6 +8,7 @@ float32 CPU arrays: that is the one narrow seam between the two worlds.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -53,12 +54,65 @@ def lr_at(step: int, cfg: NodeConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def inner_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               lr: float, grad_clip: float, micro_batches: int = 1) -> torch.Tensor:
+    """One inner AdamW step (gradient accumulated over `micro_batches` splits of the batch); returns the loss.
+
+    Shared by training and by verification replays, so a replay runs exactly this code.
+    """
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    batch = inputs.shape[0]
+    for x, y in zip(torch.tensor_split(inputs, micro_batches), torch.tensor_split(targets, micro_batches)):
+        if not len(x):
+            continue
+        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) * (len(x) / batch)
+        loss.backward()
+        total += loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return total
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """What a verifier needs to replay a round: φ, the AdamW moments and step, the data position.
+
+    Captured before the round's first inner step. φ is never mutated (it is replaced at the
+    outer step), so it is shared, not copied; the moments are copies.
+    """
+
+    global_step: int
+    shard: int
+    sampler: dict
+    adam_step: int
+    phi: torch.Tensor
+    adam_m: torch.Tensor
+    adam_v: torch.Tensor
+    micro_batches: int = 1  # the gradient-accumulation split: committed, so a replay uses the same one
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name).float().cpu().contiguous().numpy() for name in START_TENSORS}
+
+
+START_TENSORS = ("phi", "adam_m", "adam_v")
+
+
 class Trainer:
     def __init__(self, cfg: NodeConfig, corpus: Corpus, shard: int, sampler_seed: int) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if self.device.type == "cuda" and cfg.verify == "on":
+            # verifiers replay our rounds: keep cheap sources of nondeterminism off (TF32 alone changes
+            # matmul results by ~1e-3 relative); what remains is measured by `gossiptrain bench verify`
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic = True
         model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
         self.model = build_model(model_cfg, cfg.seed).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -72,6 +126,16 @@ class Trainer:
         self.step_in_round = 0  # inner steps of the current round done so far (a leave may cut a round)
         self.numel = self.slow_weights.numel()
         self.interrupt = threading.Event()  # set by the daemon on leave: the round ends early
+        self.shard = shard
+        self.round_start: RoundStart | None = None  # the current round's start (None: resumed mid-round)
+
+    def fast_weights(self) -> torch.Tensor:
+        """θ as a flat copy."""
+        return self._fast_vector()
+
+    def load_fast_weights(self, flat: torch.Tensor) -> None:
+        """θ ← flat (copied)."""
+        self._load_parameters(flat)
 
     def _fast_vector(self) -> torch.Tensor:
         return parameters_to_vector(self.model.parameters()).detach()  # a copy
@@ -85,6 +149,25 @@ class Trainer:
             count = parameter.numel()
             parameter.copy_(flat[offset : offset + count].view_as(parameter))
             offset += count
+
+    def flat_moments(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """AdamW's first and second moments as flat copies in parameter order, and its step count."""
+        m, v, step = [], [], 0
+        for parameter in self.model.parameters():
+            state = self.optimizer.state.get(parameter, {})
+            if "exp_avg" in state:
+                m.append(state["exp_avg"].reshape(-1))
+                v.append(state["exp_avg_sq"].reshape(-1))
+                step = int(state["step"])
+            else:
+                m.append(torch.zeros_like(parameter).reshape(-1))
+                v.append(torch.zeros_like(parameter).reshape(-1))
+        return torch.cat(m).detach(), torch.cat(v).detach(), step  # torch.cat copies
+
+    def _capture_start(self) -> RoundStart:
+        m, v, step = self.flat_moments()
+        return RoundStart(self.global_step, self.shard, copy.deepcopy(self.sampler.state_dict()), step,
+                          self.slow_weights, m, v, self.cfg.micro_batches)
 
     @property
     def round_complete(self) -> bool:
@@ -102,15 +185,12 @@ class Trainer:
         while self.step_in_round < self.cfg.inner_steps:
             if self.interrupt.is_set():
                 break
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.global_step, self.cfg)
+            if self.step_in_round == 0:
+                self.round_start = self._capture_start()
             inputs, targets = self.sampler.next_batch()
-            loss = self.model.loss(inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            losses.append(loss.detach())
+            loss = inner_step(self.model, self.optimizer, inputs, targets, lr_at(self.global_step, self.cfg),
+                              self.cfg.grad_clip, self.cfg.micro_batches)
+            losses.append(loss)
             self.global_step += 1
             self.step_in_round += 1
         if not losses:
