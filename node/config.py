@@ -34,6 +34,7 @@ class NodeConfig:
     # --- compute ---
     device: str = "auto"
     threads: int = 0
+    micro_batches: int = 1
     # --- model (part of the run manifest) ---
     seed: int = 0
     context: int = 64
@@ -76,6 +77,15 @@ class NodeConfig:
     state_sync_timeout: float = 120.0
     max_uploads: int = 1
     leave_timeout: float = 60.0
+    # --- verification (the switch, rate and tolerances are part of the manifest) ---
+    verify: str = "on"
+    verify_rate: float = 0.05
+    verify_max_hamming: float = 0.08
+    verify_max_rel_l2: float = 0.10
+    verify_max_norm_ratio: float = 1.02
+    vote_timeout: float = 60.0
+    audit_window: int = 3
+    verify_record_ttl: float = 3600.0
     # --- observability ---
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
@@ -106,6 +116,14 @@ class NodeConfig:
              "checkpoint_every must be >= 0 (0: only on leave) and checkpoint_keep >= 1"),
             (self.resume_max_lag >= 0 and self.max_uploads >= 0, "resume_max_lag and max_uploads must be >= 0"),
             (self.state_sync_timeout > 0 and self.leave_timeout > 0, "state_sync_timeout and leave_timeout must be > 0"),
+            (self.micro_batches >= 1 and self.micro_batches <= self.batch_size,
+             "micro_batches must be in [1, batch_size]"),
+            (self.verify in ("on", "off"), f"verify must be 'on' or 'off', got {self.verify!r}"),
+            (0.0 <= self.verify_rate <= 1.0, "verify_rate must be in [0, 1]"),
+            (0.0 < self.verify_max_hamming <= 0.5 and self.verify_max_rel_l2 > 0 and self.verify_max_norm_ratio >= 1.0,
+             "need 0 < verify_max_hamming <= 0.5, verify_max_rel_l2 > 0, verify_max_norm_ratio >= 1"),
+            (self.vote_timeout > 0 and self.audit_window >= 1 and self.verify_record_ttl > 0,
+             "vote_timeout and verify_record_ttl must be > 0, audit_window >= 1"),
             (self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug/info/warning/error"),
         ]
         for ok, message in checks:
@@ -127,6 +145,8 @@ class NodeConfig:
             "outer": {"sync": self.sync, "inner_steps": self.inner_steps,
                       "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma},
             "wire": {"chunk_bytes": self.chunk_bytes},
+            "verify": {"on": self.verify, "rate": self.verify_rate, "max_hamming": self.verify_max_hamming,
+                       "max_rel_l2": self.verify_max_rel_l2, "max_norm_ratio": self.verify_max_norm_ratio},
         }
 
 

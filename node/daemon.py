@@ -18,23 +18,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from protocol import PROTOCOL_VERSION, manifest_hash
+from protocol.verification import Tolerances
 
 from node import __version__
 from node.checkpoint import Checkpoint, load_latest, save_checkpoint
 from node.config import NodeConfig
 from node.data import DataError, load_corpus
+from node.faults import FaultConfigError, fault_from_env
 from node.gossip import Gossip, GossipSettings
+from node.identity import Identity, IdentityError
 from node.join_plan import StartMode, donor_order, plan_start
 from node.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics
 from node.pairing import clock_catch_up
+from node.replay import Replayer
 from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
 from node.tasks import BackgroundTasks
 from node.trainer import DeviceUnavailable, Trainer
+from node.verification import Verification, VerifySettings
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +99,24 @@ class Node:
         manifest = cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION)
         self.manifest_hash = manifest_hash(manifest)
         try:
+            self.fault = fault_from_env(os.environ)
+            # the libp2p identity is also the key that signs this node's verification records
+            if cfg.identity:
+                self.identity = Identity.load_or_create(cfg.identity)
+                identity_path = Path(cfg.identity)
+            else:  # a fresh identity per start, as before; kept in the work dir for p2pd to read
+                self.identity = Identity.generate()
+                identity_path = self.work_dir / "p2p-identity.key"
+                self.identity.save(identity_path)
+        except (IdentityError, FaultConfigError) as error:
+            raise StartupError(str(error)) from error
+        try:
             self.p2p = await P2P.create(
                 initial_peers=cfg.initial_peers or None,
                 host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
                 announce_maddrs=cfg.announce or None,
-                identity_path=cfg.identity or None,
+                identity_path=str(identity_path),
+                check_if_identity_free=False,  # hivemind's check only reads RSA keys
                 startup_timeout=STARTUP_TIMEOUT,
             )
             self.dht = await asyncio.wait_for(
@@ -123,6 +142,8 @@ class Node:
     async def _start_services(self, corpus: Any) -> None:
         cfg = self.cfg
         self.peer_id = self.p2p.peer_id.to_base58()
+        if self.peer_id != self.identity.peer_id:
+            raise StartupError(f"p2pd runs as {self.peer_id}, not as identity {self.identity.peer_id}")
         self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
         self.membership = Membership(self.dht, cfg.run_id, self.peer_id, self.manifest_hash, cfg.presence_ttl)
         try:
@@ -166,6 +187,26 @@ class Node:
         )
         self.state_server = StateServer(self.p2p, self.state_settings, self.metrics, self._donor_state, cfg.max_uploads)
         await self.state_server.start()
+        self.verification: Verification | None = None
+        if cfg.verify == "on":
+            replayer = await self._compute(Replayer, cfg, corpus, self.trainer.device)
+            self.verification = Verification(
+                self.p2p, self.membership, self.metrics, self.identity,
+                VerifySettings(
+                    run_id=cfg.run_id, manifest_hash=self.manifest_hash, numel=self.trainer.numel,
+                    inner_steps=cfg.inner_steps, rate=cfg.verify_rate,
+                    tolerances=Tolerances(cfg.verify_max_hamming, cfg.verify_max_rel_l2, cfg.verify_max_norm_ratio),
+                    vote_timeout=cfg.vote_timeout, audit_window=cfg.audit_window, record_ttl=cfg.verify_record_ttl,
+                    io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
+                    lsh_seed=int.from_bytes(bytes.fromhex(self.manifest_hash[:16]), "big"),
+                ),
+                self.trainer, replayer, self._compute, self.background,
+            )
+            await self.verification.start()
+            self.gossip.excluded = self.verification.excluded
+        if self.fault is not None:
+            self._fault_generator = torch.Generator().manual_seed(digest)
+            logger.warning("TEST FAULT INJECTION ENABLED (%s): this node sends corrupted updates", self.fault)
         self.membership.on_view_change = self._on_view_change
         self.rng = random.Random(digest)
 
@@ -190,6 +231,8 @@ class Node:
             self.trainer.interrupt.set()
             self.gossip.stop()
             self.state_server.stopping = True
+            if self.verification is not None:
+                self.verification.stopping = True
             # a leave is bounded: whatever hangs, the process is gone after leave_timeout
             self.loop.call_later(self.cfg.leave_timeout, self._force_exit,
                                  f"leave did not finish within {self.cfg.leave_timeout:.0f}s")
@@ -215,6 +258,8 @@ class Node:
             await self._join()
             if not self.stop_event.is_set():
                 self.background.spawn(self._heartbeat_loop())
+                if self.verification is not None:
+                    self.background.spawn(self.verification.run())
                 self._write_status("running")
                 await self._wait_for_peers()
             if not self.stop_event.is_set():
@@ -351,6 +396,7 @@ class Node:
             m.tokens_per_second.set(tokens_per_second)
             m.train_loss.set(stats.mean_loss)
             m.round_seconds.observe(stats.seconds)
+            m.train_compute_seconds.inc(stats.seconds)
         if self.stop_event.is_set():
             # leaving before the outer step: the final checkpoint keeps θ and the step count, and a
             # restart finishes this very round (the remaining inner steps, then the pairing)
@@ -364,13 +410,22 @@ class Node:
                 logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
                             self.cfg.max_staleness, self.round, caught_up)
                 self.round, next_round = caught_up, caught_up + 1
-            outgoing = await self._compute(self.trainer.outgoing_tensors)
-            outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
-            partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
-            if outcome.partner_round is not None:
-                # Lamport-style: a pair leaves with the later of its two rounds, so a slower node is
-                # pulled along instead of drifting out of every partner's staleness window
-                next_round = max(self.round, outcome.partner_round) + 1
+            if self.fault is not None:
+                await self._compute(self._cheat)
+            if self.verification is not None:
+                outgoing = await self.verification.commit(self.round)  # None: this round is not paired
+            else:
+                outgoing = await self._compute(self.trainer.outgoing_tensors)
+            if outgoing is not None:
+                outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
+                partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
+                if partner is not None and self.verification is not None and not await self.verification.accept_update(
+                        partner, outcome.partner_round, tensors):
+                    partner, tensors = None, None  # refused: a local outer step
+                elif outcome.partner_round is not None:
+                    # Lamport-style: a pair leaves with the later of its two rounds, so a slower node is
+                    # pulled along instead of drifting out of every partner's staleness window
+                    next_round = max(self.round, outcome.partner_round) + 1
         m.sync_wait_seconds.observe(waited)
         distance = await self._compute(self.trainer.apply_outer_step, tensors)
         if distance is not None:
@@ -390,6 +445,15 @@ class Node:
             "round %d  loss %.3f  eval %.3f  %5.0f tok/s  partner %s  wait %.2fs",
             self.round, stats.mean_loss, self.eval_loss, tokens_per_second, partner[-8:] if partner else "-", waited,
         )
+
+    def _cheat(self) -> None:
+        """Test-only fault injection (node/faults.py): θ ← φ + attack(θ − φ), on the trainer thread."""
+        phi = self.trainer.slow_weights
+        delta = self.trainer.fast_weights() - phi
+        self.trainer.load_fast_weights(phi + self.fault.apply(delta, self._fault_generator))
+        if self.fault.hide and self.verification is not None:
+            self.verification.committed_update = delta
+        logger.warning("TEST FAULT INJECTION: round %d sends a %s update", self.round, self.fault)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -469,11 +533,19 @@ class Node:
             for metric in self.metrics.exchanges.collect() for sample in metric.samples
             if sample.name.endswith("_total")
         }
+        votes = {
+            sample.labels["verdict"]: int(sample.value)
+            for metric in self.metrics.verifications.collect() for sample in metric.samples
+            if sample.name.endswith("_total")
+        }
         return {
             "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done,
             "start": self.start_mode.value if self.start_mode else None, "start_detail": self.start_detail,
             "initial_eval_loss": self.initial_eval_loss,
             "eval_loss": self.eval_loss, "exchanges": exchanges, "peers_seen": len(self.peers_seen),
+            "flagged": sorted(self.verification.flagged) if self.verification is not None else [],
+            "votes": votes,
+            "distrusted": sorted(self.verification.distrusted) if self.verification is not None else [],
             "seconds": time.time() - self.started_at,
         }
 

@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from hivemind.p2p import P2P, PeerID
@@ -108,6 +109,8 @@ class Gossip:
         self._incoming_confirming = False
         self._wakeup = asyncio.Event()
         self.background = background
+        # peers never paired with (flagged by verifiers): set by the daemon when verification is on
+        self.excluded: Callable[[], set[str]] = set
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(EXCHANGE_PROTOCOL, self._handle_stream)
@@ -165,6 +168,7 @@ class Gossip:
                 if paired.done() or self._busy:
                     continue
                 exclude = {peer for peer, their_round in ready.items() if (peer, their_round) in tried}
+                exclude |= self.excluded()
                 partner = choose_partner(ready, round_, exclude, self.settings.max_staleness, self.rng)
                 if partner is None:
                     await self._wait_for_news(min(POLL_INTERVAL, remaining))
@@ -206,7 +210,8 @@ class Gossip:
             pass
 
     def _could_pair(self, round_: int) -> bool:
-        rounds = (peer.round for peer in self.membership.live.values())
+        excluded = self.excluded()
+        rounds = (peer.round for peer_id, peer in self.membership.live.items() if peer_id not in excluded)
         return could_pair(rounds, round_, self.settings.max_staleness)
 
     async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int] | None:
@@ -343,5 +348,7 @@ class Gossip:
             deadline_passed=time.monotonic() >= self._deadline,
             stopping=self.stopping,
         )
+        if request.sender in self.excluded():
+            return "flagged"
         same_manifest = request.run_id == self.settings.run_id and request.manifest_hash == self.settings.manifest_hash
         return refusal_reason(state, request.sender, request.round, same_manifest, self.settings.max_staleness)

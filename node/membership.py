@@ -50,22 +50,28 @@ class Membership:
         self.on_view_change: Callable[[set[str], set[str]], None] = lambda joined, left: None
 
     async def _get(self, key: str) -> Any:
-        """The value under key (None: nothing stored); DHTUnavailable when the DHT did not answer."""
-        try:
-            found = await asyncio.wait_for(self.dht.get(self.keys[key], latest=True), DHT_TIMEOUT)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise DHTUnavailable(f"DHT get {self.keys[key]} timed out after {DHT_TIMEOUT:.0f}s") from None
-        except Exception as error:  # noqa: BLE001 - hivemind raises assorted errors on broken peers
-            raise DHTUnavailable(f"DHT get {self.keys[key]} failed: {error}") from error
-        return None if found is None else found.value
+        """The value under one of our keys (None: nothing stored); DHTUnavailable when the DHT did not answer."""
+        return await self.fetch(self.keys[key])
 
     async def _store(self, key: str, value: Any, expiration: float, subkey: str | None = None) -> bool:
+        return await self.put(self.keys[key], value, expiration, subkey)
+
+    async def fetch(self, key: str) -> Any:
+        """The value under a full DHT key (None: nothing stored); DHTUnavailable when the DHT did not answer."""
         try:
-            return bool(await asyncio.wait_for(
-                self.dht.store(self.keys[key], value, expiration, subkey=subkey), DHT_TIMEOUT
-            ))
+            found = await asyncio.wait_for(self.dht.get(key, latest=True), DHT_TIMEOUT)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise DHTUnavailable(f"DHT get {key} timed out after {DHT_TIMEOUT:.0f}s") from None
+        except Exception as error:  # noqa: BLE001 - hivemind raises assorted errors on broken peers
+            raise DHTUnavailable(f"DHT get {key} failed: {error}") from error
+        return None if found is None else found.value
+
+    async def put(self, key: str, value: Any, expiration: float, subkey: str | None = None) -> bool:
+        """Store under a full DHT key; False (logged) if it failed or timed out."""
+        try:
+            return bool(await asyncio.wait_for(self.dht.store(key, value, expiration, subkey=subkey), DHT_TIMEOUT))
         except Exception as error:  # noqa: BLE001 - a failed store is retried on the next heartbeat/round
-            logger.warning("DHT store %s failed: %s", self.keys[key], error or type(error).__name__)
+            logger.warning("DHT store %s failed: %s", key, error or type(error).__name__)
             return False
 
     async def check_manifest(self) -> bool:

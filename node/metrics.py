@@ -66,13 +66,43 @@ class NodeMetrics:
         self.protocol_errors = Counter(
             "gossiptrain_protocol_errors", "Malformed or refused input from peers", ["kind"], registry=r
         )
-        for kind in sorted({cls.kind for cls in (ProtocolError, *ProtocolError.__subclasses__())}):
+        # verification (node/verification.py)
+        self.verifications = Counter(
+            "gossiptrain_verifications", "Audits this node replayed and voted on, by its vote", ["verdict"], registry=r)
+        self.audit_verdicts = Counter(
+            "gossiptrain_audit_verdicts", "Committee verdicts observed (2 of 3 votes), by verdict", ["verdict"],
+            registry=r)
+        self.peers_flagged = Gauge(
+            "gossiptrain_peers_flagged", "Peers flagged by a verifier majority (excluded from pairing)", registry=r)
+        self.commitments = Counter(
+            "gossiptrain_commitments", "Update commitments published, by result", ["result"], registry=r)
+        self.updates_refused = Counter(
+            "gossiptrain_updates_refused", "Partner updates received but not applied, by reason", ["reason"],
+            registry=r)
+        self.replay_seconds = Histogram(
+            "gossiptrain_verify_replay_seconds", "Compute time of one verification replay", registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
+        self.verify_compute_seconds = Counter(
+            "gossiptrain_verify_compute_seconds", "Trainer-thread seconds spent on verification "
+            "(signatures, digests, replays)", registry=r)
+        self.train_compute_seconds = Counter(
+            "gossiptrain_train_compute_seconds", "Trainer-thread seconds spent on inner steps", registry=r)
+        for verdict in ("accept", "reject"):
+            self.verifications.labels(verdict=verdict)
+        for verdict in ("accept", "reject", "undecided"):
+            self.audit_verdicts.labels(verdict=verdict)
+        for result in ("ok", "failed", "skipped"):
+            self.commitments.labels(result=result)
+        for reason in ("flagged", "no_commitment", "digest_mismatch"):
+            self.updates_refused.labels(reason=reason)
+        for kind in sorted({"record", *(cls.kind for cls in (ProtocolError, *ProtocolError.__subclasses__()))}):
             self.protocol_errors.labels(kind=kind)  # every refusal kind is visible at 0 from the start
         for result in EXCHANGE_RESULTS:
             self.exchanges.labels(result=result)
         for mode in ("paired", "local"):
             self.outer_rounds.labels(mode=mode)
-        for kind in ("exchange", "state"):
+        for kind in ("exchange", "state", "audit"):
             self.bytes_sent.labels(kind=kind)
             self.bytes_received.labels(kind=kind)
         for result in ("ok", "refused", "failed"):

@@ -91,6 +91,7 @@ class LocalSwarm:
         metrics_base_port: int = 0,
         threads_per_node: int = 1,
         env: dict[str, str] | None = None,
+        node_env: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self.num_nodes = num_nodes
         self.base_dir = Path(base_dir)
@@ -98,6 +99,7 @@ class LocalSwarm:
         self.metrics_base_port = metrics_base_port
         self.threads_per_node = threads_per_node
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.node_env = node_env or {}  # extra environment of single nodes (tests: fault injection)
         self.nodes: list[NodeProcess] = []
 
     def command(self, index: int, initial_peers: list[str], extra: list[str] | None = None) -> list[str]:
@@ -118,7 +120,8 @@ class LocalSwarm:
         log_path = work_dir / "node.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                self.command(index, initial_peers, extra), stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                self.command(index, initial_peers, extra), stdout=log, stderr=subprocess.STDOUT,
+                env={**self.env, **self.node_env.get(index, {})},
                 start_new_session=True,  # a Ctrl-C in the launcher's terminal reaches the launcher only
             )
         node = NodeProcess(index, work_dir, process, log_path)

@@ -1,0 +1,628 @@
+"""Trustless verification: commitments, receipts, committee audits, votes, verdicts, exclusion.
+
+Per round, on every node (protocol/SPEC.md §13; rules in protocol/verification.py):
+
+1. commit — before it sends anything, a node signs and publishes a Commitment for its
+   round: start-state digest, data assignment, digest of the tensors it will send, LSH
+   signature of its update. It keeps that round's start state to serve audits.
+2. receive — a node that received a partner's tensors applies them only if the
+   partner's signed commitment exists and its digest matches what arrived; flagged
+   peers' tensors are dropped. It then draws the audit lottery with a fresh random
+   nonce: if this (partner, round) is sampled it publishes the signed Receipt (nonce
+   included) under `{run}.audits`. The audited peer was bound by its commitment before
+   the nonce existed, so it could not know whether, or by whom, it would be audited.
+3. audit — every node polls `{run}.audits`; for each sampled (peer, round) it ranks the
+   candidates (live peers and itself) by the seed. The top 3 replay the round from the
+   peer's start state (fetched over `gossiptrain/audit/1`, checked against the committed
+   digest) on the committed data and vote, signed, under `{run}.votes.{peer}.{round}`.
+   Reserves step in, one per vote timeout, for members that have not voted.
+4. verdict — anyone reads the votes: 2 of 3 rejects flag the peer. A flagged peer is
+   excluded from pairing, its requests are refused and its tensors dropped.
+
+Every DHT read and write is bounded by the DHT timeout, every stream read by the I/O
+timeout, and the audit loop polls with a deadline; nothing here can stall training
+beyond one replay on the trainer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+from node import identity as ident
+from node.exchange import flat_spec, receive_tensors, send_tensors
+from node.lsh import UpdateSigner
+from node.membership import DHTUnavailable, Membership
+from node.metrics import NodeMetrics
+from node.replay import (
+    Replayer,
+    ReplayError,
+    describe_start,
+    sent_digest,
+    start_digest,
+    start_from_wire,
+)
+from node.tasks import BackgroundTasks
+from node.trainer import START_TENSORS, RoundStart, Trainer
+from node.transport import FrameStream
+from protocol import (
+    AuditOffer,
+    AuditRequest,
+    ExchangeAck,
+    ExchangeReject,
+    InvalidField,
+    ProtocolError,
+    TensorDtypeMismatch,
+    TensorShapeMismatch,
+    TruncatedFrame,
+)
+from protocol.verification import (
+    ACCEPT,
+    REJECT,
+    Commitment,
+    Comparison,
+    InvalidRecord,
+    Receipt,
+    Tolerances,
+    Vote,
+    audit_seed,
+    committee_ranking,
+    compare,
+    decide,
+    envelope,
+    is_sampled,
+    open_envelope,
+    signing_bytes,
+    stand_in_rank,
+)
+
+logger = logging.getLogger(__name__)
+
+AUDIT_PROTOCOL = "gossiptrain/audit/1"
+POLL_INTERVAL = 1.0
+MAX_RESERVES = 2
+MAX_AUDITS_PER_POLL = 64  # bounds one poll's work whatever the DHT returns
+# start states are kept for audit_window rounds and at least this long: enough for the receipt
+# of a drawn round to reach the audited peer, which then keeps that state until the audit is over
+RETAIN_MIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    run_id: str
+    manifest_hash: str
+    numel: int
+    inner_steps: int
+    rate: float
+    tolerances: Tolerances
+    vote_timeout: float
+    audit_window: int
+    record_ttl: float
+    io_timeout: float
+    max_frame_bytes: int
+    chunk_bytes: int
+    lsh_seed: int
+
+
+SENT_PREFIX = "sent."
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: str
+    comparison: Comparison | None  # replay vs sent update under the audit's own projection
+    reason: str
+
+
+def sent_update(tensors: dict[str, np.ndarray]) -> torch.Tensor:
+    """Δ as sent: θ − φ_start (or, when γ ≠ β, the sent φ + Δ − φ_start), from what an audited peer served."""
+    phi = torch.from_numpy(np.asarray(tensors["phi"], dtype=np.float32))
+    if SENT_PREFIX + "theta" in tensors:
+        theta = torch.from_numpy(np.asarray(tensors[SENT_PREFIX + "theta"], dtype=np.float32))
+    else:
+        theta = (torch.from_numpy(np.asarray(tensors[SENT_PREFIX + "phi"], dtype=np.float32))
+                 + torch.from_numpy(np.asarray(tensors[SENT_PREFIX + "delta_update"], dtype=np.float32)))
+    return theta - phi
+
+
+def audit_signer(numel: int, seed: bytes) -> UpdateSigner:
+    """A projection drawn from the audit seed: unknown to the peer when it committed, so nothing it
+    sent can hide in this projection's null space (the run-wide one is public)."""
+    return UpdateSigner(numel, int.from_bytes(seed[:8], "big"))
+
+
+def make_commitment(run_id: str, peer: str, round_: int, start: RoundStart, outgoing: dict[str, np.ndarray],
+                    update: torch.Tensor, signer: UpdateSigner, inner_steps: int,
+                    ) -> tuple[Commitment, dict[str, np.ndarray]]:
+    """A round's commitment (unsigned) and the tensors its peer must serve to verifiers."""
+    tensors, data = describe_start(start)
+    commitment = Commitment(
+        run_id=run_id, peer=peer, round=round_, start_digest=start_digest(tensors, data, start.global_step),
+        theta_digest=sent_digest(outgoing), data=data, global_step=start.global_step, inner_steps=inner_steps,
+        update=signer.sign(update),
+    )
+    return commitment, {**tensors, **{SENT_PREFIX + name: array for name, array in outgoing.items()}}
+
+
+def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarray], replayer: Replayer,
+                run_signer: UpdateSigner, tolerances: Tolerances, inner_steps: int) -> Judgement:
+    """A verifier's verdict on one audited round, from what the peer served (start state and sent tensors).
+
+    1. The served start state must hash to the committed start digest, the served sent tensors
+       to the committed sent digest (the one its partner checked on receipt).
+    2. The committed LSH signature must describe the update actually sent (else the peer
+       committed to one update and sent another).
+    3. The round is replayed on the committed data; the sent update and the replay are signed
+       with a projection drawn from the audit seed and compared against the tolerances.
+    """
+    sent = {name[len(SENT_PREFIX):]: array for name, array in tensors.items() if name.startswith(SENT_PREFIX)}
+    if start_digest(tensors, commitment.data, commitment.global_step) != commitment.start_digest:
+        return Judgement(REJECT, None, "start state does not match the committed digest")
+    if sent_digest(sent) != commitment.theta_digest:
+        return Judgement(REJECT, None, "sent tensors do not match the committed digest")
+    if commitment.inner_steps != inner_steps:
+        return Judgement(REJECT, None, f"committed {commitment.inner_steps} inner steps, the run uses {inner_steps}")
+    delta_sent = sent_update(tensors)
+    committed = compare(commitment.update, run_signer.sign(delta_sent), tolerances)
+    if not committed.ok:
+        return Judgement(REJECT, committed, "committed signature does not describe the sent update")
+    try:
+        start = start_from_wire(tensors, commitment.data, commitment.global_step, replayer.numel)
+        replayed = replayer.replay(start, commitment.inner_steps).cpu()
+    except ReplayError as error:
+        return Judgement(REJECT, None, f"cannot replay: {error}")
+    signer = audit_signer(delta_sent.numel(), seed)
+    comparison = compare(signer.sign(delta_sent), signer.sign(replayed), tolerances)
+    if not comparison.ok:
+        return Judgement(REJECT, comparison, "exceeds " + ",".join(comparison.failed))
+    return Judgement(ACCEPT, comparison, "")
+
+
+@dataclass
+class Audit:
+    peer: str
+    round: int
+    seed: bytes
+    commitment: Commitment
+    receipt: Receipt
+    first_seen: float
+    voted: bool = False
+    verdict: str | None = None
+    unavailable_since: float | None = None  # the start state could not be fetched since then
+    votes: dict[str, Vote] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetainedStart:
+    tensors: dict[str, np.ndarray]  # the start state (START_TENSORS) and the sent tensors ("sent.<name>")
+    data: str
+    global_step: int
+    digest: str
+    created: float
+
+
+class Verification:
+    def __init__(
+        self,
+        p2p: P2P,
+        membership: Membership,
+        metrics: NodeMetrics,
+        identity: ident.Identity,
+        settings: VerifySettings,
+        trainer: Trainer,
+        replayer: Replayer,
+        compute: Callable[..., Awaitable[Any]],
+        background: BackgroundTasks,
+    ) -> None:
+        self.background = background
+        self.p2p, self.membership, self.metrics, self.identity = p2p, membership, metrics, identity
+        self.settings, self.trainer, self.replayer, self.compute = settings, trainer, replayer, compute
+        self.me = identity.peer_id
+        self.signer = UpdateSigner(settings.numel, settings.lsh_seed, device="cpu")
+        self.retained: dict[int, RetainedStart] = {}
+        self.audits: dict[tuple[str, int], Audit] = {}
+        self.flagged: dict[str, str] = {}  # peer -> evidence
+        self.distrusted: set[str] = set()  # peers caught by this node sending what they did not commit
+        self._commitments: dict[tuple[str, int], Commitment] = {}
+        self._own_audits: dict[int, float] = {}  # our rounds drawn for audit -> when we saw the receipt
+        self._ignored: set[str] = set()  # receipts under {run}.audits that failed validation
+        self.keys = {"audits": f"{settings.run_id}.audits"}
+        # test-only fault injection ("+hide"): the update to sign instead of the one sent
+        self.committed_update: torch.Tensor | None = None
+        self.stopping = False
+
+    @property
+    def audit_tensors(self) -> tuple[str, ...]:
+        """What an audited peer serves: its start state, then the tensors it sent its partner."""
+        return START_TENSORS + tuple(SENT_PREFIX + name for name in self.trainer.tensor_names())
+
+    def _commit_key(self, round_: int) -> str:
+        return f"{self.settings.run_id}.commit.{round_}"
+
+    def _votes_key(self, peer: str, round_: int) -> str:
+        return f"{self.settings.run_id}.votes.{peer}.{round_}"
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(AUDIT_PROTOCOL, self._serve_audit)
+
+    def excluded(self) -> set[str]:
+        """Peers this node will not pair with or take tensors from."""
+        return set(self.flagged) | self.distrusted
+
+    # ------------------------------------------------------------------ 1. commit
+    def _prepare(self, round_: int) -> tuple[Commitment, dict[str, np.ndarray]] | None:
+        """On the trainer thread: (commitment, tensors to send), or None if this round cannot be committed."""
+        started = time.perf_counter()
+        start = self.trainer.round_start
+        if start is None or not self.trainer.round_complete:
+            return None  # resumed mid-round: the start state is gone, so the round cannot be audited
+        outgoing = self.trainer.outgoing_tensors()
+        delta = self.trainer.fast_weights() - self.trainer.slow_weights
+        commitment, served = make_commitment(self.settings.run_id, self.me, round_, start, outgoing,
+                                             delta if self.committed_update is None else self.committed_update,
+                                             self.signer, self.settings.inner_steps)
+        self.committed_update = None
+        data, digest = commitment.data, commitment.start_digest
+        self.retained[round_] = RetainedStart(served, data, start.global_step, digest, time.monotonic())
+        self._prune_retained()
+        self.metrics.verify_compute_seconds.inc(time.perf_counter() - started)
+        return commitment, outgoing
+
+    def _prune_retained(self) -> None:
+        """Keep the start states of the last `audit_window` rounds, and of older rounds drawn for audit
+        until their audit is over. (A round's receipt appears seconds after its exchange, so a round
+        not drawn by then never will be; the peer learns it was drawn only after it was bound.)"""
+        now = time.monotonic()
+        horizon = self.give_up_seconds
+        self._own_audits = {r: seen for r, seen in self._own_audits.items() if now - seen < horizon}
+        for old in sorted(self.retained)[: -self.settings.audit_window]:
+            if old not in self._own_audits and now - self.retained[old].created > RETAIN_MIN_SECONDS:
+                del self.retained[old]
+
+    @property
+    def give_up_seconds(self) -> float:
+        """An audit with no majority this long after it was drawn is abandoned (undecided)."""
+        return (MAX_RESERVES + 2) * self.settings.vote_timeout
+
+    async def commit(self, round_: int) -> dict[str, np.ndarray] | None:
+        """Publish this round's signed commitment; returns the tensors to send (None: do not pair this round)."""
+        prepared = await self.compute(self._prepare, round_)
+        if prepared is None:
+            self.metrics.commitments.labels(result="skipped").inc()
+            logger.info("round %d was resumed mid-way: its start state is gone, so it is not committed "
+                        "and not paired", round_)
+            return None
+        commitment, outgoing = prepared
+        blob = envelope(commitment, self.identity.sign(signing_bytes(commitment)))
+        stored = await self.membership.put(self._commit_key(round_), blob, get_dht_time() + self.settings.record_ttl,
+                                           subkey=self.me)
+        self.metrics.commitments.labels(result="ok" if stored else "failed").inc()
+        if not stored:
+            logger.warning("commitment for round %d was not stored: this round is not paired", round_)
+            return None
+        return outgoing
+
+    # ------------------------------------------------------------------ 2. receive
+    async def _commitment(self, peer: str, round_: int) -> Commitment | None:
+        cached = self._commitments.get((peer, round_))
+        if cached is not None:
+            return cached
+        entries = await self.membership.fetch(self._commit_key(round_))
+        entry = entries.get(peer) if isinstance(entries, dict) else None
+        if entry is None:
+            return None
+        try:
+            commitment, signature = open_envelope(entry.value, Commitment)
+        except InvalidRecord as error:
+            self.metrics.protocol_errors.labels(kind=error.kind).inc()
+            logger.warning("commitment of %s for round %d is malformed: %s", peer[-8:], round_, error)
+            return None
+        if (commitment.peer != peer or commitment.round != round_ or commitment.run_id != self.settings.run_id
+                or not ident.verify(peer, signing_bytes(commitment), signature)):
+            self.metrics.protocol_errors.labels(kind="record").inc()
+            logger.warning("commitment under %s for round %d is not signed by it: ignored", peer[-8:], round_)
+            return None
+        if len(self._commitments) > 4096:
+            self._commitments.clear()
+        self._commitments[(peer, round_)] = commitment
+        return commitment
+
+    async def accept_update(self, partner: str, partner_round: int, tensors: dict[str, np.ndarray]) -> bool:
+        """May the partner's tensors be applied? Also draws the audit lottery for them."""
+        if partner in self.flagged or partner in self.distrusted:
+            self.metrics.updates_refused.labels(reason="flagged").inc()
+            logger.warning("dropped the update of flagged peer %s", partner[-8:])
+            return False
+        try:
+            commitment = await self._commitment(partner, partner_round)
+        except DHTUnavailable as error:
+            logger.warning("cannot read %s's commitment (%s): its update is not applied", partner[-8:], error)
+            commitment = None
+        if commitment is None:
+            self.metrics.updates_refused.labels(reason="no_commitment").inc()
+            logger.warning("%s sent an update for round %d without a signed commitment: not applied",
+                           partner[-8:], partner_round)
+            return False
+        received = await asyncio.to_thread(sent_digest, tensors)
+        if received != commitment.theta_digest:
+            self.metrics.updates_refused.labels(reason="digest_mismatch").inc()
+            self.distrusted.add(partner)
+            logger.error("%s sent tensors that differ from its signed commitment for round %d: not applied, and "
+                         "this node will not pair with it again", partner[-8:], partner_round)
+            return False
+        nonce = secrets.token_hex(16)
+        seed = audit_seed(self.settings.run_id, partner, partner_round, commitment.digest(), nonce)
+        if is_sampled(seed, self.settings.rate):
+            receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce)
+            blob = envelope(receipt, self.identity.sign(signing_bytes(receipt)))
+            self.background.spawn(self.membership.put(
+                self.keys["audits"], blob, get_dht_time() + self.settings.record_ttl,
+                subkey=f"{partner}:{partner_round}"))
+            logger.info("round %d of %s drawn for audit", partner_round, partner[-8:])
+        return True
+
+    # ------------------------------------------------------------------ 3. serve and run audits
+    async def _serve_audit(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = self._stream(reader, writer)
+        sender = info.peer_id.to_base58()
+        try:
+            request = await stream.recv(AuditRequest)
+            if request.sender != sender:
+                raise InvalidField(f"request claims sender {request.sender[:16]!r} but came from {sender}")
+            retained = self.retained.get(request.round)
+            if request.run_id != self.settings.run_id or request.manifest_hash != self.settings.manifest_hash:
+                reason = "manifest"
+            elif self.stopping:
+                reason = "shutting_down"
+            else:
+                reason = None if retained is not None else "no_state"
+            if reason is not None:
+                await stream.send(ExchangeReject(reason=reason, round=request.round))
+                return
+            await stream.send(AuditOffer(round=request.round, start_digest=retained.digest,
+                                         tensors=tuple(retained.tensors), numel=self.settings.numel, dtype="float32"))
+            await send_tensors(stream, retained.tensors, self.settings.chunk_bytes)
+            await stream.recv(ExchangeAck)
+            logger.info("served the start state of round %d to verifier %s", request.round, sender[-8:])
+        except ProtocolError as error:
+            self.metrics.protocol_errors.labels(kind=error.kind).inc()
+            logger.warning("audit request from %s: protocol error: %s", sender[-8:], error)
+            if not isinstance(error, TruncatedFrame):
+                await stream.send_error(error)
+        except Exception as error:  # noqa: BLE001 - the verifier vanished or stalled
+            logger.info("audit upload to %s failed: %s", sender[-8:], error or type(error).__name__)
+        finally:
+            stream.close()
+
+    def _stream(self, reader, writer) -> FrameStream:
+        return FrameStream(
+            reader, writer, max_frame_bytes=self.settings.max_frame_bytes, io_timeout=self.settings.io_timeout,
+            on_sent=self.metrics.bytes_sent.labels(kind="audit").inc,
+            on_received=self.metrics.bytes_received.labels(kind="audit").inc,
+        )
+
+    async def _fetch_start(self, peer: str, round_: int) -> tuple[str, dict[str, np.ndarray]]:
+        """The audited peer's start state of `round_`: (digest it claims, tensors). Raises on any failure."""
+        _info, reader, writer = await asyncio.wait_for(
+            self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), AUDIT_PROTOCOL), self.settings.io_timeout)
+        stream = self._stream(reader, writer)
+        try:
+            await stream.send(AuditRequest(run_id=self.settings.run_id, manifest_hash=self.settings.manifest_hash,
+                                           sender=self.me, round=round_))
+            reply = await stream.recv((AuditOffer, ExchangeReject))
+            if isinstance(reply, ExchangeReject):
+                raise ReplayError(f"refused: {reply.reason}")
+            if reply.round != round_ or tuple(reply.tensors) != self.audit_tensors:
+                raise InvalidField(f"audit offer for round {reply.round} with tensors {list(reply.tensors)}")
+            if reply.numel != self.settings.numel:
+                raise TensorShapeMismatch(f"audit offer of {reply.numel} parameters, model has {self.settings.numel}")
+            if reply.dtype != "float32":
+                raise TensorDtypeMismatch(f"audit offer of dtype {reply.dtype!r}")
+            received = await receive_tensors(stream, [flat_spec(name, self.settings.numel)
+                                                      for name in self.audit_tensors])
+            try:
+                await stream.send(ExchangeAck(ok=True, reason=""))
+            except Exception:  # noqa: BLE001 - everything arrived either way
+                pass
+            return reply.start_digest, received
+        finally:
+            stream.close()
+
+    def _judge(self, audit: Audit, tensors: dict[str, np.ndarray]) -> Judgement:
+        """On the trainer thread: replay and judge, timed as verification compute."""
+        started = time.perf_counter()
+        try:
+            return judge_audit(audit.commitment, audit.seed, tensors, self.replayer, self.signer,
+                               self.settings.tolerances, self.settings.inner_steps)
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.replay_seconds.observe(seconds)
+            self.metrics.verify_compute_seconds.inc(seconds)
+
+    async def _audit(self, audit: Audit) -> None:
+        """Replay the audited round and publish this node's signed vote."""
+        peer, round_ = audit.peer, audit.round
+        comparison, reason, verdict = None, "", REJECT
+        try:
+            claimed, tensors = await asyncio.wait_for(
+                self._fetch_start(peer, round_), self.settings.io_timeout * (3 + self.settings.numel // 2**22))
+        except Exception as error:  # noqa: BLE001 - refused, gone, frozen, malformed
+            explicit = isinstance(error, (ProtocolError, ReplayError))  # it answered, but not with the state
+            if isinstance(error, ProtocolError):
+                self.metrics.protocol_errors.labels(kind=error.kind).inc()
+            now = time.monotonic()
+            if audit.unavailable_since is None:
+                audit.unavailable_since = now
+            if now - audit.unavailable_since < self.settings.vote_timeout / 2:
+                audit.voted = False  # maybe a passing glitch: ask again at the next poll
+                logger.info("audit of %s round %d: start state not fetched (%s); retrying", peer[-8:], round_,
+                            error or type(error).__name__)
+                return
+            if not explicit or peer not in self.membership.live:
+                # unreachable or silent: it may have crashed or left (or be frozen); an honest peer can
+                # look exactly like this, so no vote. Reserves may still reach it.
+                logger.info("audit of %s round %d: the peer did not answer (%s); not voting", peer[-8:], round_,
+                            error or type(error).__name__)
+                return
+            # live and answering, yet unable or unwilling to show the state it committed to
+            reason = f"start state refused by a live peer: {error}"
+        else:
+            if claimed != audit.commitment.start_digest:
+                reason = "offered start state is not the committed one"
+            else:
+                judgement = await self.compute(self._judge, audit, tensors)
+                verdict, comparison, reason = judgement.verdict, judgement.comparison, judgement.reason
+        vote = Vote(self.settings.run_id, peer, round_, self.me, verdict, reason[:200],
+                    comparison.hamming if comparison else 1.0, comparison.rel_l2 if comparison else 1e30,
+                    comparison.norm_ratio if comparison else 1e30)
+        blob = envelope(vote, self.identity.sign(signing_bytes(vote)))
+        await self.membership.put(self._votes_key(peer, round_), blob, get_dht_time() + self.settings.record_ttl,
+                                  subkey=self.me)
+        audit.votes[self.me] = vote
+        self.metrics.verifications.labels(verdict=verdict).inc()
+        evidence = comparison.evidence(self.settings.tolerances) if comparison else reason
+        log = logger.warning if verdict == REJECT else logger.info
+        log("audit of %s round %d: vote %s (%s)", peer[-8:], round_, verdict, evidence)
+
+    # ------------------------------------------------------------------ 4. verdicts
+    async def _read_votes(self, audit: Audit) -> None:
+        entries = await self.membership.fetch(self._votes_key(audit.peer, audit.round))
+        for verifier, entry in (entries or {}).items() if isinstance(entries, dict) else ():
+            if verifier in audit.votes or not isinstance(verifier, str):
+                continue
+            try:
+                vote, signature = open_envelope(entry.value, Vote)
+            except InvalidRecord:
+                self.metrics.protocol_errors.labels(kind="record").inc()
+                continue
+            if (vote.verifier != verifier or vote.peer != audit.peer or vote.round != audit.round
+                    or not ident.verify(verifier, signing_bytes(vote), signature)):
+                self.metrics.protocol_errors.labels(kind="record").inc()
+                continue
+            audit.votes[verifier] = vote
+
+    def _ranking(self, audit: Audit) -> list[str]:
+        candidates = (set(self.membership.live) | {self.me} | set(audit.votes)) - set(self.flagged)
+        return committee_ranking(audit.seed, candidates, audit.peer)
+
+    def _conclude(self, audit: Audit, verdict: str, ranking: list[str]) -> None:
+        audit.verdict = verdict
+        self.metrics.audit_verdicts.labels(verdict=verdict).inc()
+        voters = [peer for peer in ranking[:5] if peer in audit.votes][:3]
+        evidence = "; ".join(
+            f"{v[-8:]}: {audit.votes[v].verdict} ({audit.votes[v].reason or 'within tolerances'}; hamming "
+            f"{audit.votes[v].hamming:.4f}, rel-L2 {audit.votes[v].rel_l2:.4g}, norm ratio "
+            f"{audit.votes[v].norm_ratio:.4g})" for v in voters)
+        tol = self.settings.tolerances
+        if verdict == REJECT:
+            if audit.peer not in self.flagged:
+                self.flagged[audit.peer] = evidence
+                self.metrics.peers_flagged.set(len(self.flagged))
+                logger.error("FLAGGED %s: round %d rejected by a verifier majority [%s] (tolerances: hamming %.3f, "
+                             "rel-L2 %.3f, norm ratio %.3f); no longer pairing with it", audit.peer, audit.round,
+                             evidence, tol.max_hamming, tol.max_rel_l2, tol.max_norm_ratio)
+        else:
+            logger.info("audit of %s round %d: accepted by a verifier majority [%s]", audit.peer[-8:], audit.round,
+                        evidence)
+
+    async def _discover(self) -> None:
+        """Read the sampled (peer, round) pairs and start tracking new ones."""
+        entries = await self.membership.fetch(self.keys["audits"])
+        items = list(entries.items()) if isinstance(entries, dict) else []
+        examined = 0
+        for subkey, entry in items:
+            if examined >= MAX_AUDITS_PER_POLL:
+                break  # the rest waits for the next pass
+            if not isinstance(subkey, str) or ":" not in subkey or subkey in self._ignored:
+                continue
+            peer, _, round_text = subkey.rpartition(":")
+            if not round_text.isdigit() or (peer, int(round_text)) in self.audits:
+                continue
+            if peer == self.me:  # one of our rounds was drawn: keep its start state until the audit is over
+                self._own_audits.setdefault(int(round_text), time.monotonic())
+                continue
+            if peer in self.flagged:
+                continue
+            examined += 1
+            round_ = int(round_text)
+            try:
+                receipt, signature = open_envelope(entry.value, Receipt)
+            except InvalidRecord:
+                self._ignore(subkey)
+                continue
+            if (receipt.sender != peer or receipt.round != round_ or receipt.receiver == peer
+                    or receipt.run_id != self.settings.run_id
+                    or not ident.verify(receipt.receiver, signing_bytes(receipt), signature)):
+                self._ignore(subkey)
+                continue
+            commitment = await self._commitment(peer, round_)
+            if commitment is None or commitment.theta_digest != receipt.theta_digest:
+                continue  # not visible yet (tried again next poll) or a receipt for other tensors
+            seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.nonce)
+            if not is_sampled(seed, self.settings.rate):
+                self._ignore(subkey)  # a receipt published although the lottery said no: not an audit
+                continue
+            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, receipt, time.monotonic())
+
+    def _ignore(self, subkey: str) -> None:
+        """A bad or undrawn receipt: counted once, not re-read every pass."""
+        self.metrics.protocol_errors.labels(kind="record").inc()
+        if len(self._ignored) > 10_000:
+            self._ignored.clear()
+        self._ignored.add(subkey)
+
+    async def poll(self) -> None:
+        """One pass of the audit loop: cast the votes this node owes, conclude what the votes decide."""
+        now = time.monotonic()
+        give_up = self.give_up_seconds
+        pending = [audit for audit in self.audits.values() if audit.verdict is None]
+        for audit in pending[:MAX_AUDITS_PER_POLL]:
+            if self.stopping:
+                return
+            if audit.peer in self.flagged:
+                audit.verdict = REJECT  # already excluded; nothing left to decide
+                continue
+            await self._read_votes(audit)
+            ranking = self._ranking(audit)
+            verdict = decide({v: vote.verdict for v, vote in audit.votes.items()}, ranking, MAX_RESERVES)
+            if verdict is None and not audit.voted and self.me not in audit.votes and stand_in_rank(
+                    ranking, audit.votes, self.me, now - audit.first_seen, self.settings.vote_timeout):
+                audit.voted = True
+                await self._audit(audit)
+                verdict = decide({v: vote.verdict for v, vote in audit.votes.items()}, ranking, MAX_RESERVES)
+            if verdict is not None:
+                self._conclude(audit, verdict, ranking)
+            elif now - audit.first_seen > give_up:
+                audit.verdict = "undecided"
+                self.metrics.audit_verdicts.labels(verdict="undecided").inc()
+                logger.warning("audit of %s round %d: no majority after %.0fs (%d votes)", audit.peer[-8:],
+                               audit.round, give_up, len(audit.votes))
+        if len(self.audits) > 10_000:  # forget old concluded audits (their records expire anyway)
+            for key in [k for k, a in self.audits.items() if a.verdict is not None][:5_000]:
+                del self.audits[key]
+
+    async def run(self) -> None:
+        """The verification loops (background tasks of the daemon): discovering drawn audits runs on
+        its own, so a slow audit (a replay, a silent peer) never delays learning that one of our own
+        rounds was drawn (we must then keep its start state)."""
+        await asyncio.gather(self._loop(self._discover, "discovery"), self._loop(self.poll, "audit"))
+
+    async def _loop(self, step: Callable[[], Awaitable[None]], name: str) -> None:
+        while not self.stopping:
+            try:
+                await step()  # every DHT call and stream read in it has its own timeout
+            except (DHTUnavailable, asyncio.TimeoutError, TimeoutError) as error:
+                logger.info("verification %s: %s", name, error or type(error).__name__)
+            except Exception:  # noqa: BLE001 - a bug in one pass must not end verification
+                logger.exception("verification %s failed", name)
+            await asyncio.sleep(POLL_INTERVAL)

@@ -1,0 +1,84 @@
+"""A verifier's judgement of one audited round, from what the audited peer serves (no network)."""
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.verification import ACCEPT, REJECT, Tolerances, audit_seed, compare
+
+from node.config import NodeConfig
+from node.data import load_corpus
+from node.lsh import UpdateSigner
+from node.replay import Replayer
+from node.trainer import Trainer
+from node.verification import judge_audit, make_commitment
+
+TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "batch_size": 4, "inner_steps": 4,
+        "eval_batches": 2, "threads": 1}
+TOL = Tolerances(0.08, 0.10, 1.02)
+SEED = audit_seed("run", "peer", 3, b"c" * 32, "ab" * 16)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    corpus = load_corpus()
+    trainer = Trainer(NodeConfig(**TINY), corpus, shard=2, sampler_seed=9)
+    trainer.run_round()
+    trainer.apply_outer_step(None)
+    trainer.run_round()
+    signer = UpdateSigner(trainer.numel, seed=1)
+    return trainer, Replayer(trainer.cfg, corpus), signer
+
+
+def audit(setting, sent_delta, committed_delta=None, tamper=None):
+    trainer, replayer, signer = setting
+    phi = trainer.slow_weights
+    outgoing = {"theta": (phi + sent_delta).numpy()}
+    commitment, served = make_commitment("run", "peer", 3, trainer.round_start, outgoing,
+                                         sent_delta if committed_delta is None else committed_delta, signer, 4)
+    served = {name: array.copy() for name, array in served.items()}
+    if tamper:
+        served[tamper][0] += 1e-3
+    return judge_audit(commitment, SEED, served, replayer, signer, TOL, 4)
+
+
+def honest(setting):
+    trainer = setting[0]
+    return trainer.fast_weights() - trainer.slow_weights
+
+
+def test_honest_round_is_accepted_exactly(setting):
+    judgement = audit(setting, honest(setting))
+    assert judgement.verdict == ACCEPT and judgement.comparison.rel_l2 == 0.0 and judgement.reason == ""
+
+
+def test_a_consistent_cheater_is_caught_by_the_replay(setting):
+    judgement = audit(setting, -honest(setting))
+    assert judgement.verdict == REJECT and judgement.reason.startswith("exceeds")
+    assert judgement.comparison.hamming > 0.9
+
+
+def test_committing_one_update_and_sending_another_is_caught(setting):
+    judgement = audit(setting, -honest(setting), committed_delta=honest(setting))
+    assert judgement.verdict == REJECT and judgement.reason == "committed signature does not describe the sent update"
+
+
+def test_served_state_must_match_the_commitment(setting):
+    assert audit(setting, honest(setting), tamper="adam_v").reason == "start state does not match the committed digest"
+    assert audit(setting, honest(setting), tamper="sent.theta").reason == "sent tensors do not match the committed digest"
+
+
+def test_null_space_of_the_public_projection_is_seen_by_the_audit_projection(setting):
+    """A peer that knows the run-wide LSH seed can add anything the public fold cannot see."""
+    trainer, _, signer = setting
+    delta = honest(setting)
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(0))
+    buckets = torch.arange(delta.numel()) % signer.buckets
+    counts = torch.bincount(buckets, minlength=signer.buckets).double()
+    folded = signer.fold(noise)  # remove each bucket's signed mean: the fold of what is left is 0
+    hidden = (noise.double() - signer.signs.double() * (folded / counts)[buckets]).float()
+    hidden *= 0.5 * delta.norm() / hidden.norm()
+    assert compare(signer.sign(delta + hidden), signer.sign(delta), TOL).hamming == 0.0  # invisible to it
+    judgement = audit(setting, delta + hidden)
+    assert judgement.verdict == REJECT and judgement.reason.startswith("exceeds")
+    assert np.isfinite(judgement.comparison.rel_l2) and judgement.comparison.rel_l2 > 0.3
