@@ -1,4 +1,5 @@
-"""`gossiptrain bench exchange|state-sync`: pair-exchange throughput; how long a joiner takes to download the state."""
+"""`gossiptrain bench exchange|state-sync|verify`: pair-exchange throughput; how long a joiner takes to download
+the state; whether replay verification tells honest peers from cheaters, and what it costs."""
 
 from __future__ import annotations
 
@@ -10,17 +11,30 @@ EXCHANGE_NUMEL = 25_000_000
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("bench", help="benchmarks that print figures")
-    parser.add_argument("what", choices=["exchange", "state-sync"])
+    parser.add_argument("what", choices=["exchange", "state-sync", "verify"])
     parser.add_argument(
         "--numel", type=int, nargs="+", default=None, metavar="N",
         help="exchange: fp32 parameters per side, one value (default 25M); state-sync: state sizes in parameters, "
-             "one or more (default: the default model's parameter count and 100M)",
+             "one or more (default: the default model's parameter count and 100M); verify: vector sizes for the "
+             "LSH signature and start digest timings (default 1M 10M 100M; with --tiny 1M)",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=None, metavar="N",
+                        help="verify: start states (trials) to test (default 12)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="verify: a small model and an 8-step round, for a smoke run")
     parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.what != "verify" and (args.trials is not None or args.tiny):
+        print(f"bench {args.what}: --trials and --tiny are for bench verify", file=sys.stderr)
+        return 2
+    if args.what == "verify":
+        from node import bench_verify
+
+        trials = bench_verify.DEFAULT_TRIALS if args.trials is None else args.trials
+        return bench_verify.run_benchmark(trials, args.tiny, args.numel, args.repeats)
     if args.what == "state-sync":
         from node import bench_state
 

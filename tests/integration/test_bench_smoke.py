@@ -29,3 +29,33 @@ def test_bench_state_sync_prints_its_table():
     rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["200,000"], ["300,000"])}
     assert set(rows) == {"200,000", "300,000"}, result.stdout
     assert all(row[5].endswith("x") for row in rows.values()), result.stdout  # the peak RSS growth ratio
+
+
+def test_bench_verify_prints_its_tables():
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "bench", "verify", "--tiny", "--trials", "2", "--numel", "200000",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for header in (["replayed with", "replays", "hamming max / mean", "rejects"],
+                   ["tolerance", "honest max", "suggested", "configured"],
+                   ["committed update", "1 verifier rejects", "2 of 3 flag", "exact rel-L2"],
+                   ["model", "round (train)", "replay", "verification / training"],
+                   ["numel", "LSH sign", "start digest (φ, m, v)"]):
+        assert any(line.startswith(header[0]) and all(h in line for h in header) for line in lines), header
+
+    def row(label: str) -> list[str]:
+        found = [line[len(label):].split() for line in lines if line.startswith(label + "  ")]
+        assert len(found) == 1, (label, result.stdout)
+        return found[0]
+
+    honest = ["threads 1, micro 1 (= committed)", "threads 2, micro 1", "threads 1, micro 2", "threads 2, micro 2",
+              "threads 1, micro 4"]
+    assert all(row(label)[-2] == "0/2" for label in honest), result.stdout  # no honest replay rejected
+    assert row("honest (false rejects)")[:4] == ["0/6", "<39.3%", "0/2", "<77.6%"], result.stdout
+    for label in ("sign flip", "zero update", "scale x2"):  # blatant cheats: every vote rejects
+        assert row(label)[:3] == ["6/6", ">60.7%", "2/2"], result.stdout
+    assert {"hamming fraction", "sketch rel-L2"} <= {line.split("  ")[0] for line in lines}, result.stdout
+    assert row("200,000"), result.stdout
