@@ -454,8 +454,9 @@ class Verification:
         peer, round_ = audit.peer, audit.round
         comparison, reason, verdict = None, "", REJECT
         try:
-            claimed, tensors = await asyncio.wait_for(
-                self._fetch_start(peer, round_), self.settings.io_timeout * (3 + self.settings.numel // 2**22))
+            # (asyncio.timeout, not wait_for: no inner task whose late failure nobody retrieves on shutdown)
+            async with asyncio.timeout(self.settings.io_timeout * (3 + self.settings.numel // 2**22)):
+                claimed, tensors = await self._fetch_start(peer, round_)
         except Exception as error:  # noqa: BLE001 - refused, gone, frozen, malformed
             explicit = isinstance(error, (ProtocolError, ReplayError))  # it answered, but not with the state
             if isinstance(error, ProtocolError):

@@ -1,7 +1,7 @@
 """Trustless verification in a real 5-node swarm with one cheater (test-only fault injection).
 
-Three runs of the same swarm: all honest; one node sending sign-flipped updates with
-verification on; the same cheater with verification off. With verification on, a
+Three runs of the same swarm: all honest; one node sending φ − 3Δ instead of φ + Δ (and
+committing to exactly that) with verification on; the same cheater with verification off. With verification on, a
 verifier majority flags the cheater within a few rounds, no honest node is ever flagged,
 honest nodes stop exchanging with it and end about where the all-honest run ends; with
 verification off the cheater drags every honest node's held-out loss up.
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.integration
 
 NODES, CHEATER, ROUNDS = 5, 4, 14
 RUN_ARGS = TINY + ["--inner-steps", "15", "--rounds", str(ROUNDS), "--sync-timeout", "5", "--seed", "11",
-                   "--verify-rate", "0.5", "--vote-timeout", "10", "--checkpoint-every", "0"]
-CHEAT_ENV = {CHEATER: {FAULT_ENV: "sign_flip", FAULT_ACK_ENV: FAULT_ACK}}
+                   "--verify-rate", "0.75", "--vote-timeout", "10", "--checkpoint-every", "0"]
+CHEAT_ENV = {CHEATER: {FAULT_ENV: "scale:-3", FAULT_ACK_ENV: FAULT_ACK}}  # sends φ − 3Δ, committed to it
 FLAG_WITHIN_ROUNDS = 10
 
 
@@ -101,5 +101,8 @@ def test_verification_keeps_honest_loss_near_an_all_honest_run(runs):
     unverified = statistics.mean(honest_losses(runs["unverified"]))
     print(f"honest-node held-out loss: all honest {honest:.3f}, cheater+verification {verified:.3f}, "
           f"cheater without verification {unverified:.3f}")
-    assert verified < honest + 0.25
-    assert unverified > verified + 0.5  # the damage verification prevents
+    # rounds here last a fraction of a second, so the cheater is averaged with a few times before its
+    # flag spreads (a real round lasts minutes): close to honest, far from the damage without verification
+    assert verified < honest + 0.4
+    assert verified - honest < 0.1 * (unverified - honest)
+    assert unverified > verified + 1.0  # the damage verification prevents
