@@ -582,41 +582,59 @@ class Verification:
             self._ignored.clear()
         self._ignored.add(subkey)
 
-    async def poll(self) -> None:
-        """One pass of the audit loop: cast the votes this node owes, conclude what the votes decide."""
+    def _decide(self, audit: Audit) -> str | None:
+        """Conclude the audit if its votes decide it; returns the verdict (None: pending)."""
+        ranking = self._ranking(audit)
+        verdict = decide({v: vote.verdict for v, vote in audit.votes.items()}, ranking, MAX_RESERVES)
+        if verdict is not None:
+            self._conclude(audit, verdict, ranking)
+        return verdict
+
+    def _pending(self) -> list[Audit]:
+        pending = []
+        for audit in self.audits.values():
+            if audit.verdict is None and audit.peer in self.flagged:
+                audit.verdict = REJECT  # already excluded; nothing left to decide
+            elif audit.verdict is None:
+                pending.append(audit)
+        return pending
+
+    async def tally(self) -> None:
+        """Discover drawn audits and conclude what the votes cast so far decide (cheap DHT reads only)."""
+        await self._discover()
         now = time.monotonic()
-        give_up = self.give_up_seconds
-        pending = [audit for audit in self.audits.values() if audit.verdict is None]
-        for audit in pending[:MAX_AUDITS_PER_POLL]:
+        for audit in self._pending()[:MAX_AUDITS_PER_POLL]:
             if self.stopping:
                 return
-            if audit.peer in self.flagged:
-                audit.verdict = REJECT  # already excluded; nothing left to decide
-                continue
             await self._read_votes(audit)
-            ranking = self._ranking(audit)
-            verdict = decide({v: vote.verdict for v, vote in audit.votes.items()}, ranking, MAX_RESERVES)
-            if verdict is None and not audit.voted and self.me not in audit.votes and stand_in_rank(
-                    ranking, audit.votes, self.me, now - audit.first_seen, self.settings.vote_timeout):
-                audit.voted = True
-                await self._audit(audit)
-                verdict = decide({v: vote.verdict for v, vote in audit.votes.items()}, ranking, MAX_RESERVES)
-            if verdict is not None:
-                self._conclude(audit, verdict, ranking)
-            elif now - audit.first_seen > give_up:
+            if self._decide(audit) is None and now - audit.first_seen > self.give_up_seconds:
                 audit.verdict = "undecided"
                 self.metrics.audit_verdicts.labels(verdict="undecided").inc()
                 logger.warning("audit of %s round %d: no majority after %.0fs (%d votes)", audit.peer[-8:],
-                               audit.round, give_up, len(audit.votes))
+                               audit.round, self.give_up_seconds, len(audit.votes))
         if len(self.audits) > 10_000:  # forget old concluded audits (their records expire anyway)
             for key in [k for k, a in self.audits.items() if a.verdict is not None][:5_000]:
                 del self.audits[key]
 
+    async def poll(self) -> None:
+        """One pass of the audit loop: cast the votes this node owes (replays, the slow part)."""
+        for audit in self._pending()[:MAX_AUDITS_PER_POLL]:
+            if self.stopping:
+                return
+            if audit.verdict is not None or audit.voted or self.me in audit.votes:
+                continue
+            ranking = self._ranking(audit)
+            if stand_in_rank(ranking, audit.votes, self.me, time.monotonic() - audit.first_seen,
+                             self.settings.vote_timeout):
+                audit.voted = True
+                await self._audit(audit)
+                self._decide(audit)
+
     async def run(self) -> None:
-        """The verification loops (background tasks of the daemon): discovering drawn audits runs on
-        its own, so a slow audit (a replay, a silent peer) never delays learning that one of our own
-        rounds was drawn (we must then keep its start state)."""
-        await asyncio.gather(self._loop(self._discover, "discovery"), self._loop(self.poll, "audit"))
+        """The verification loops (background tasks of the daemon). Discovering drawn audits and
+        tallying votes run on their own, so a slow audit (a replay, a silent peer) never delays a
+        flag, nor learning that one of our own rounds was drawn (we must then keep its start state)."""
+        await asyncio.gather(self._loop(self.tally, "tally"), self._loop(self.poll, "audit"))
 
     async def _loop(self, step: Callable[[], Awaitable[None]], name: str) -> None:
         while not self.stopping:

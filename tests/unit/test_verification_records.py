@@ -78,12 +78,12 @@ def test_two_committee_rejects_flag_and_forged_votes_do_not_count():
     votes[others[0]] = types.SimpleNamespace(value=signed(audited, forged))
     votes["garbage"] = types.SimpleNamespace(value=b"\x93\x01")
     verification.audits[(audited.peer_id, 5)].voted = True  # this node does not replay in this test
-    asyncio.run(verification.poll())
+    asyncio.run(verification.tally())
     assert audit.verdict is None and not verification.flagged
     for member in others:
         votes[member] = types.SimpleNamespace(value=signed(by_id[member], Vote(
             RUN, audited.peer_id, 5, member, REJECT, "exceeds rel_l2", 0.5, 1.9, 1.0)))
-    asyncio.run(verification.poll())
+    asyncio.run(verification.tally())
     assert audit.verdict == REJECT and list(verification.flagged) == [audited.peer_id]
     assert audited.peer_id in verification.excluded()
     assert "rel-L2 1.9" in verification.flagged[audited.peer_id]
@@ -103,7 +103,7 @@ def test_two_accepts_clear_and_nobody_is_flagged():
     for member in [p for p in ranking if p != peers["E"].peer_id][:2]:
         votes[member] = types.SimpleNamespace(value=signed(by_id[member], Vote(
             RUN, audited.peer_id, 5, member, ACCEPT, "", 0.0, 0.001, 1.0)))
-    asyncio.run(verification.poll())
+    asyncio.run(verification.tally())
     assert audit.verdict == ACCEPT and not verification.flagged
 
 
