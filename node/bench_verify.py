@@ -189,20 +189,11 @@ def _exact_rel_l2(committed: torch.Tensor, replayed: torch.Tensor) -> float:
     return difference / reference
 
 
-def fold_null_space(signer: UpdateSigner, vector: torch.Tensor) -> torch.Tensor:
-    """The part of `vector` that the signer's signed fold maps to zero, so neither its SimHash bits
-    nor its sketch can see it: v − Fᵀ(F v)/c with F the fold and c the elements per bucket."""
-    index = torch.arange(signer.numel) % signer.buckets
-    counts = torch.bincount(index, minlength=signer.buckets).double()
-    back = signer.signs.double() * (signer.fold(vector) / counts)[index]
-    return (vector.double() - back).float()
-
-
 def _orthogonal_unit(signer: UpdateSigner, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random unit vector in the fold's null space, orthogonal to Δ (it is orthogonal to the folded part
     of Δ by construction, so it is made orthogonal to Δ's null-space part)."""
-    direction = fold_null_space(signer, torch.randn(delta.shape, generator=generator)).double()
-    hidden = fold_null_space(signer, delta).double()
+    direction = signer.null_space_part(torch.randn(delta.shape, generator=generator)).double()
+    hidden = signer.null_space_part(delta).double()
     direction -= hidden * (direction @ hidden) / max(float(hidden @ hidden), 1e-300)
     return (direction / torch.linalg.vector_norm(direction)).float()
 
@@ -246,7 +237,7 @@ def _cheat(attack: Attack, honest: torch.Tensor, trial: TrialContext) -> torch.T
         unit = _orthogonal_unit(trial.signer, honest, trial.generator)
         return honest + attack.strength * float(torch.linalg.vector_norm(honest)) * unit
     if attack.kind == "null_swap":  # keep what the fold sees, replace the rest by a random direction of equal norm
-        hidden = fold_null_space(trial.signer, honest)
+        hidden = trial.signer.null_space_part(honest)
         unit = _orthogonal_unit(trial.signer, honest, trial.generator)
         return honest - hidden + float(torch.linalg.vector_norm(hidden)) * unit
     if attack.kind == "copy":  # another peer's update: another shard, trained from the same start

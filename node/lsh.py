@@ -46,7 +46,8 @@ class UpdateSigner:
             signs[start:stop] = torch.randint(0, 2, (stop - start,), generator=generator, dtype=torch.int8) * 2 - 1
         self.signs = signs.to(self.device)
         self.projection = torch.randn(bits, self.buckets, generator=generator, dtype=torch.float64).to(self.device)
-        self.padded = math.ceil(numel / self.buckets) * self.buckets
+        # chunks of whole bucket rows: element i of any chunk lands in bucket i mod m
+        self.chunk = max(self.buckets, _SIGN_CHUNK // self.buckets * self.buckets)
 
     @torch.no_grad()
     def fold(self, delta: torch.Tensor) -> torch.Tensor:
@@ -60,20 +61,25 @@ class UpdateSigner:
             raise ValueError(f"update of shape {tuple(delta.shape)}, expected ({self.numel},)")
         folded = torch.zeros(self.buckets, dtype=torch.float64, device=self.device)
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(0, self.numel, _SIGN_CHUNK):
-            stop = min(self.numel, start + _SIGN_CHUNK)
+        for start in range(0, self.numel, self.chunk):
+            stop = min(self.numel, start + self.chunk)
             chunk = delta[start:stop].to(self.device, torch.float64)
             squares += chunk.square().sum()
             part = chunk * self.signs[start:stop]
-            # bucket of element i is i mod m: chunk starts are multiples of m when m divides the chunk size
-            offset = start % self.buckets
-            if offset:
-                part = torch.cat([part.new_zeros(offset), part])
-            pad = (-part.numel()) % self.buckets
+            pad = (-part.numel()) % self.buckets  # only the last chunk is short
             if pad:
                 part = torch.cat([part, part.new_zeros(pad)])
             folded += part.view(-1, self.buckets).sum(0)
         return folded, math.sqrt(float(squares))
+
+    @torch.no_grad()
+    def null_space_part(self, vector: torch.Tensor) -> torch.Tensor:
+        """The part of `vector` this projection cannot see (its signed fold is zero): v − Fᵀ(F v)/c, with
+        F the fold and c the elements per bucket. What a peer knowing the seed could hide in an update."""
+        index = torch.arange(self.numel, device=self.device) % self.buckets
+        counts = torch.bincount(index, minlength=self.buckets).double()
+        back = self.signs.double() * (self.fold(vector) / counts)[index]
+        return (vector.to(self.device, torch.float64) - back).float()
 
     @torch.no_grad()
     def sign(self, delta: torch.Tensor) -> UpdateSignature:
