@@ -185,7 +185,7 @@ class Trainer:
         while self.step_in_round < self.cfg.inner_steps:
             if self.interrupt.is_set():
                 break
-            if self.step_in_round == 0:
+            if self.step_in_round == 0 and self.cfg.verify == "on":  # only verifiers replay rounds
                 self.round_start = self._capture_start()
             inputs, targets = self.sampler.next_batch()
             loss = inner_step(self.model, self.optimizer, inputs, targets, lr_at(self.global_step, self.cfg),

@@ -194,7 +194,6 @@ class Audit:
     round: int
     seed: bytes
     commitment: Commitment
-    receipt: Receipt
     first_seen: float
     voted: bool = False
     verdict: str | None = None
@@ -205,8 +204,6 @@ class Audit:
 @dataclass(frozen=True)
 class RetainedStart:
     tensors: dict[str, np.ndarray]  # the start state (START_TENSORS) and the sent tensors ("sent.<name>")
-    data: str
-    global_step: int
     digest: str
     created: float
 
@@ -272,8 +269,7 @@ class Verification:
                                              delta if self.committed_update is None else self.committed_update,
                                              self.signer, self.settings.inner_steps)
         self.committed_update = None
-        data, digest = commitment.data, commitment.start_digest
-        self.retained[round_] = RetainedStart(served, data, start.global_step, digest, time.monotonic())
+        self.retained[round_] = RetainedStart(served, commitment.start_digest, time.monotonic())
         self._prune_retained()
         self.metrics.verify_compute_seconds.inc(time.perf_counter() - started)
         return commitment, outgoing
@@ -430,10 +426,10 @@ class Verification:
                 raise TensorDtypeMismatch(f"audit offer of dtype {reply.dtype!r}")
             received = await receive_tensors(stream, [flat_spec(name, self.settings.numel)
                                                       for name in self.audit_tensors])
-            try:
+            try:  # everything arrived and checked out: the ack only tells the peer it may close
                 await stream.send(ExchangeAck(ok=True, reason=""))
-            except Exception:  # noqa: BLE001 - everything arrived either way
-                pass
+            except Exception as error:  # noqa: BLE001 - the state is complete either way
+                logger.debug("audit ack to %s failed: %s", peer[-8:], error)
             return reply.start_digest, received
         finally:
             stream.close()
@@ -573,7 +569,7 @@ class Verification:
             if not is_sampled(seed, self.settings.rate):
                 self._ignore(subkey)  # a receipt published although the lottery said no: not an audit
                 continue
-            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, receipt, time.monotonic())
+            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
 
     def _ignore(self, subkey: str) -> None:
         """A bad or undrawn receipt: counted once, not re-read every pass."""
