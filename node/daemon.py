@@ -34,7 +34,7 @@ from node.gossip import Gossip, GossipSettings
 from node.identity import Identity, IdentityError
 from node.join_plan import StartMode, donor_order, plan_start
 from node.membership import DHTUnavailable, Membership
-from node.metrics import NodeMetrics
+from node.metrics import NodeMetrics, counts_by_label
 from node.pairing import clock_catch_up
 from node.replay import Replayer
 from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
@@ -528,16 +528,8 @@ class Node:
                 await asyncio.wait_for(self.p2p.shutdown(), 10)
 
     def summary(self) -> dict[str, Any]:
-        exchanges = {
-            sample.labels["result"]: int(sample.value)
-            for metric in self.metrics.exchanges.collect() for sample in metric.samples
-            if sample.name.endswith("_total")
-        }
-        votes = {
-            sample.labels["verdict"]: int(sample.value)
-            for metric in self.metrics.verifications.collect() for sample in metric.samples
-            if sample.name.endswith("_total")
-        }
+        exchanges = counts_by_label(self.metrics.exchanges, "result")
+        votes = counts_by_label(self.metrics.verifications, "verdict")
         return {
             "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done,
             "start": self.start_mode.value if self.start_mode else None, "start_detail": self.start_detail,

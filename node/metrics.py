@@ -10,6 +10,14 @@ EXCHANGE_RESULTS = ("ok", "rejected", "timeout", "peer_gone", "protocol_error", 
 FAILED_RESULTS = ("timeout", "peer_gone", "protocol_error", "aborted")  # an accepted exchange that broke
 
 
+def counts_by_label(counter: Counter, label: str) -> dict[str, int]:
+    """A labelled counter's current values, e.g. {"ok": 12, "timeout": 1} (for summaries)."""
+    return {
+        sample.labels[label]: int(sample.value)
+        for metric in counter.collect() for sample in metric.samples if sample.name.endswith("_total")
+    }
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
