@@ -143,9 +143,8 @@ async def test_node_refuses_malformed_frames_with_typed_errors(lone_node):
         # keep the client's p2pd up until the node has seen the cut stream: shutting it down at once
         # can kill the relay before the 10 bytes and the close reach the node (then it is a reset)
         key = 'gossiptrain_protocol_errors_total{kind="truncated"}'
-        deadline = asyncio.get_running_loop().time() + 30
-        while lone_node.metrics(0).get(key, 0) < 1 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.25)
+        await asyncio.to_thread(poll, lambda: lone_node.metrics(0).get(key, 0) >= 1, 30,
+                                what="protocol_errors_total{kind=truncated} to count the cut stream")
     for kind in ("malformed", "oversized", "version", "type", "field", "truncated"):
         key = f'gossiptrain_protocol_errors_total{{kind="{kind}"}}'
         poll(lambda key=key: lone_node.metrics(0).get(key, 0) >= 1,

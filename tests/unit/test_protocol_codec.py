@@ -24,6 +24,7 @@ from protocol import (
     ExchangeAck,
     ExchangeReject,
     ExchangeRequest,
+    FrameDecoder,
     FrameTooLarge,
     InvalidField,
     MalformedMessage,
@@ -140,6 +141,16 @@ def _pack(obj: Any) -> bytes:
 @given(msg=MESSAGES)
 def test_every_message_type_round_trips_exactly(msg: Message) -> None:
     assert decode_message(encode_message(msg)) == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=MESSAGES, piece=st.integers(min_value=1, max_value=64))
+def test_every_message_round_trips_through_split_frames(msg: Message, piece: int) -> None:
+    frame = encode_frame(encode_message(msg))
+    decoder = FrameDecoder()
+    bodies = [body for i in range(0, len(frame), piece) for body in decoder.feed(frame[i : i + piece])]
+    assert len(bodies) == 1
+    assert decode_message(bodies[0]) == msg
 
 
 @settings(max_examples=100, deadline=None)

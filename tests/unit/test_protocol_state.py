@@ -84,20 +84,6 @@ def _frames(msgs: list[Message]) -> bytes:
     return b"".join(encode_frame(encode_message(m)) for m in msgs)
 
 
-_text = st.text(max_size=MAX_STR_CHARS)
-_uint = st.integers(min_value=0, max_value=MAX_UINT)
-STATE_MESSAGES: st.SearchStrategy[Message] = st.one_of(
-    st.builds(StateRequest, run_id=_text, manifest_hash=_text, sender=_text),
-    st.builds(
-        StateOffer,
-        round=_uint,
-        global_step=_uint,
-        manifest_hash=_text,
-        tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
-        numel=_uint,
-        dtype=_text,
-    ),
-)
 
 # --- types and exports ----------------------------------------------------------
 
@@ -146,16 +132,6 @@ def test_state_request_and_offer_round_trip() -> None:
     assert _raw(_offer()) == {"v": 1, "t": 9, "round": 42, "global_step": 21000,
                               "manifest_hash": HASH, "tensors": ["phi", "momentum"],
                               "numel": 1000, "dtype": "float32"}
-
-
-@settings(max_examples=200, deadline=None)
-@given(msg=STATE_MESSAGES, piece=st.integers(min_value=1, max_value=64))
-def test_state_messages_round_trip_through_frames(msg: Message, piece: int) -> None:
-    frame = encode_frame(encode_message(msg))
-    decoder = FrameDecoder()
-    bodies = [body for i in range(0, len(frame), piece) for body in decoder.feed(frame[i : i + piece])]
-    assert len(bodies) == 1
-    assert decode_message(bodies[0]) == msg
 
 
 def test_decoded_offer_tensors_are_a_tuple() -> None:
