@@ -7,6 +7,7 @@ trainer runs on its own thread behind a single-worker executor; the loop only aw
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from protocol.verification import Tolerances
 
 from node import __version__
 from node.checkpoint import Checkpoint, load_latest, save_checkpoint
-from node.config import NodeConfig
+from node.config import NodeConfig, resolve_work_dir
 from node.data import DataError, load_corpus
 from node.faults import FaultConfigError, fault_from_env
 from node.gossip import Gossip, GossipSettings
@@ -36,6 +37,7 @@ from node.join_plan import StartMode, donor_order, plan_start
 from node.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics, counts_by_label
 from node.pairing import clock_catch_up
+from node.peers_file import PeersFileError, wait_for_peers_file
 from node.replay import Replayer
 from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
 from node.tasks import BackgroundTasks
@@ -45,6 +47,8 @@ from node.verification import Verification, VerifySettings
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
+PEERS_FILE_TIMEOUT = 300.0  # how long a node started with --initial-peers-file waits for a running peer
+MAX_FLAGGED_PUBLISHED = 32  # flagged peer ids carried in the presence record (for `gossiptrain status`)
 
 
 class JoinError(RuntimeError):
@@ -72,8 +76,17 @@ class Node:
     async def create(cls, cfg: NodeConfig) -> "Node":
         self = object.__new__(cls)
         self.cfg = cfg
-        self.work_dir = Path(cfg.work_dir)
+        self.work_dir = resolve_work_dir(cfg.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # a node.json left by an earlier run (kill -9, a reused volume) must not tell others where we are
+        (self.work_dir / "node.json").unlink(missing_ok=True)
+        if cfg.initial_peers_file:
+            try:
+                from_file = await wait_for_peers_file(cfg.initial_peers_file, PEERS_FILE_TIMEOUT)
+            except PeersFileError as error:
+                raise JoinError(str(error)) from error
+            logger.info("initial peers from %s: %s", cfg.initial_peers_file, " ".join(from_file))
+            self.cfg = cfg = dataclasses.replace(cfg, initial_peers=[*cfg.initial_peers, *from_file])
         self.loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer")
         self.stop_event = asyncio.Event()
@@ -83,6 +96,10 @@ class Node:
         self.rounds_done = 0
         self.exit_code = 0
         self.initial_eval_loss: float | None = None
+        self.train_loss: float | None = None
+        self.tokens_per_second: float | None = None
+        self.last_exchange: dict[str, Any] | None = None  # time and partner of the last applied partner update
+        self.history_path = self.work_dir / "history.jsonl"
         self.started_at = time.time()
         self.p2p = self.dht = None
         self.background = BackgroundTasks()
@@ -208,6 +225,7 @@ class Node:
             self._fault_generator = torch.Generator().manual_seed(digest)
             logger.warning("TEST FAULT INJECTION ENABLED (%s): this node sends corrupted updates", self.fault)
         self.membership.on_view_change = self._on_view_change
+        self.membership.presence_extra = self._presence_extra
         self.rng = random.Random(digest)
 
         logger.info(
@@ -266,6 +284,7 @@ class Node:
                 self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
                 self.metrics.eval_loss.set(self.eval_loss)
                 self._write_status("running")
+                self._record_history(None)
                 logger.info("held-out loss at start: %.3f", self.eval_loss)
             while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
                 await self._run_round()
@@ -430,6 +449,8 @@ class Node:
         distance = await self._compute(self.trainer.apply_outer_step, tensors)
         if distance is not None:
             m.partner_distance.set(distance)
+        if partner is not None:
+            self.last_exchange = {"time": time.time(), "partner": partner}
         m.outer_rounds.labels(mode="paired" if partner else "local").inc()
         self.round = next_round
         self.rounds_done += 1
@@ -441,10 +462,42 @@ class Node:
         m.eval_loss.set(self.eval_loss)
         # peers see our new round now, not at the next heartbeat: pairing depends on it
         self.background.spawn(self.membership.publish_presence(self.round, self.eval_loss, self.maddrs))
+        if stats.steps:
+            self.train_loss, self.tokens_per_second = stats.mean_loss, tokens_per_second
+        self._record_history({"partner": partner, "partner_distance": distance, "wait_seconds": round(waited, 4)})
         logger.info(
             "round %d  loss %.3f  eval %.3f  %5.0f tok/s  partner %s  wait %.2fs",
             self.round, stats.mean_loss, self.eval_loss, tokens_per_second, partner[-8:] if partner else "-", waited,
         )
+
+    def _presence_extra(self) -> dict[str, Any]:
+        """What `gossiptrain status` and `doctor` read from our presence record, besides round and eval loss."""
+        flagged = sorted(self.verification.flagged)[:MAX_FLAGGED_PUBLISHED] if self.verification is not None else []
+        return {
+            "time": time.time(),  # our wall clock when published: `gossiptrain doctor` estimates clock skew from it
+            "version": __version__, "started": self.started_at, "rounds_done": self.rounds_done,
+            "train_loss": self.train_loss, "tokens_per_second": self.tokens_per_second,
+            "last_exchange": self.last_exchange, "exchanges": counts_by_label(self.metrics.exchanges, "result"),
+            "flagged": flagged,
+        }
+
+    def _record_history(self, round_info: dict[str, Any] | None) -> None:
+        """Append one line to history.jsonl (read by `gossiptrain report`); a failed write never stops training."""
+        m = self.metrics
+        record = {
+            "time": round(time.time(), 3), "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done,
+            "train_loss": self.train_loss, "eval_loss": self.eval_loss, "tokens_per_second": self.tokens_per_second,
+            "partner": None, "partner_distance": None, "wait_seconds": None,
+            **(round_info or {}),
+            "exchanges": counts_by_label(m.exchanges, "result"),
+            "bytes_sent": int(sum(counts_by_label(m.bytes_sent, "kind").values())),
+            "bytes_received": int(sum(counts_by_label(m.bytes_received, "kind").values())),
+        }
+        try:
+            with open(self.history_path, "a") as file:
+                file.write(json.dumps(record, default=str) + "\n")
+        except OSError as error:
+            logger.warning("could not append to %s: %s", self.history_path, error)
 
     def _cheat(self) -> None:
         """Test-only fault injection (node/faults.py): θ ← φ + attack(θ − φ), on the trainer thread."""

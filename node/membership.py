@@ -2,7 +2,9 @@
 
 Keys live under the run id:
   {run}.manifest           the manifest hash every member must share (refreshed by every member)
-  {run}.peers  [peer id]   presence: round, manifest hash, addresses; expires after presence_ttl
+  {run}.peers  [peer id]   presence: round, manifest hash, addresses, held-out loss, and what `gossiptrain
+                           status` shows (wall-clock time, train loss, tokens/s, last exchange, exchange
+                           counts, flagged peers); expires after presence_ttl
   {run}.ready  [peer id]   "my round r is done, pair with me"; expires after the sync deadline
 """
 
@@ -48,6 +50,7 @@ class Membership:
         self._ready_expiration = 0.0
         self._presence_expiration = 0.0
         self.on_view_change: Callable[[set[str], set[str]], None] = lambda joined, left: None
+        self.presence_extra: Callable[[], dict[str, Any]] = dict  # more fields for the presence record
 
     async def _get(self, key: str) -> Any:
         """The value under one of our keys (None: nothing stored); DHTUnavailable when the DHT did not answer."""
@@ -94,7 +97,8 @@ class Membership:
         await self.refresh_view()
 
     async def publish_presence(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
-        presence = {"round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss, "maddrs": addresses}
+        presence = {**self.presence_extra(), "round": round_, "manifest": self.manifest_hash, "eval_loss": eval_loss,
+                    "maddrs": addresses}
         # a DHT subkey is only replaced by a later expiration: keep ours increasing
         self._presence_expiration = max(get_dht_time() + self.presence_ttl, self._presence_expiration + 0.01)
         await self._store("peers", presence, self._presence_expiration, subkey=self.peer_id)

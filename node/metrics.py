@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
 from protocol import ProtocolError
 
@@ -21,6 +21,7 @@ def counts_by_label(counter: Counter, label: str) -> dict[str, int]:
 class NodeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_* (memory, CPU, start time): the drill-down panels and alerts
         self.info = Info("gossiptrain", "Node identity and build", registry=r)
         self.inner_steps = Counter("gossiptrain_inner_steps", "Inner optimizer steps taken", registry=r)
         self.outer_rounds = Counter("gossiptrain_outer_rounds", "Outer rounds completed", ["mode"], registry=r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,12 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=main, passthrough=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, docker stop, CI) stops the nodes like Ctrl-C does
+
+
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     base = Path(args.dir)
     if base.exists():
         shutil.rmtree(base)
