@@ -6,14 +6,14 @@ import argparse
 import sys
 
 from node import __version__
-from node.cli import bench, chaos, run, swarm
+from node.cli import bench, chaos, doctor, health, report, run, status, swarm
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gossiptrain", description="Peer-to-peer decentralized training node")
     parser.add_argument("--version", action="version", version=f"gossiptrain {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for verb in (run, swarm, bench, chaos):
+    for verb in (run, swarm, status, doctor, report, health, bench, chaos):
         verb.add_parser(verbs)
     return parser
 

@@ -9,12 +9,16 @@ verification off the cheater drags every honest node's held-out loss up.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import statistics
+import threading
+import time
 
 import pytest
 
 from node.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV
+from node.status import SwarmStatus, dht_client, read_swarm
 from node.swarm import LocalSwarm
 from tests.integration.conftest import TINY
 
@@ -27,10 +31,33 @@ CHEAT_ENV = {CHEATER: {FAULT_ENV: "sign_flip", FAULT_ACK_ENV: FAULT_ACK}}  # sen
 FLAG_WITHIN_ROUNDS = 10
 
 
-def run_swarm(base, extra: list[str], cheat: bool) -> list[dict]:
+def watch_flags(maddr: str, cheater_dir, seen: list[SwarmStatus], stop: threading.Event) -> None:
+    """What `gossiptrain status` sees while the swarm runs: a DHT client reading presence records until the
+    cheater shows up flagged by two live peers (or the swarm ends)."""
+    async def watch() -> None:
+        async with dht_client([maddr]) as dht:
+            cheater = None
+            while not stop.is_set():
+                if cheater is None and (cheater_dir / "node.json").exists():
+                    cheater = (cheater_dir / "node.json").read_text()
+                swarm = await read_swarm(dht, "gossiptrain-default")
+                if cheater and any(peer in cheater and len(by) >= 2 for peer, by in swarm.flagged.items()):
+                    seen.append(swarm)
+                    return
+                await asyncio.sleep(0.5)
+    asyncio.run(watch())
+
+
+def run_swarm(base, extra: list[str], cheat: bool, watched: list[SwarmStatus] | None = None) -> list[dict]:
     swarm = LocalSwarm(NODES, base, RUN_ARGS + extra, node_env=CHEAT_ENV if cheat else None)
+    stop = threading.Event()
+    watcher = None
     try:
         swarm.start()
+        if watched is not None:
+            watcher = threading.Thread(target=watch_flags, daemon=True,
+                                       args=(swarm.nodes[0].maddr, swarm.nodes[CHEATER].work_dir, watched, stop))
+            watcher.start()
         codes = swarm.wait_finished(timeout=420)
         assert codes == [0] * NODES, [n.log_tail() for n in swarm.nodes]
         summaries = swarm.summaries()
@@ -38,16 +65,21 @@ def run_swarm(base, extra: list[str], cheat: bool) -> list[dict]:
             summary["log"] = node.log_path.read_text()
         return summaries
     finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=30)
         swarm.stop()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("verification")
+    watched: list[SwarmStatus] = []
     return {
         "honest": run_swarm(base / "honest", [], cheat=False),
-        "verified": run_swarm(base / "verified", [], cheat=True),
+        "verified": run_swarm(base / "verified", [], cheat=True, watched=watched),
         "unverified": run_swarm(base / "unverified", ["--verify", "off"], cheat=True),
+        "status": watched,
     }
 
 
@@ -76,9 +108,20 @@ def test_majority_flags_the_cheater_and_never_an_honest_node(runs):
     assert not any(s["flagged"] for s in runs["honest"])  # nobody is flagged in an honest swarm
     assert sum(s["votes"].get("accept", 0) for s in runs["honest"]) >= 1  # and audits did happen there
     assert not any(s["votes"].get("reject", 0) for s in runs["honest"])
-    for name, run in runs.items():
-        for index, summary in enumerate(run):
+    for name in ("honest", "verified", "unverified"):
+        for index, summary in enumerate(runs[name]):
             assert "Traceback" not in summary["log"], f"{name} run, node {index}:\n{summary['log'][-3000:]}"
+
+
+def test_status_shows_the_flagged_cheater_while_the_swarm_runs(runs):
+    """`gossiptrain status` reads flags from presence records: the cheater, flagged by honest live peers."""
+    assert runs["status"], "no DHT client saw the cheater flagged by two live peers while the swarm ran"
+    swarm = runs["status"][0]
+    cheater = runs["verified"][CHEATER]["peer_id"]
+    honest_ids = {s["peer_id"] for i, s in enumerate(runs["verified"]) if i != CHEATER}
+    assert set(swarm.flagged) == {cheater}
+    assert set(swarm.flagged[cheater]) <= honest_ids and len(swarm.flagged[cheater]) >= 2
+    assert time.time() - swarm.queried_at < 3600
 
 
 def test_flagged_within_bounded_rounds_with_evidence(runs):

@@ -1,0 +1,328 @@
+"""Preflight checks for a node (`gossiptrain doctor`): one verdict and, where it is not ok, one fix per check.
+
+Every check is bounded in time and never changes the machine, except that the p2pd check
+starts and stops one daemon and the swarm checks join the DHT as a client for a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from node.config import NodeConfig, resolve_work_dir
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+P2PD_TIMEOUT = 30.0
+MAX_CLOCK_SKEW = 3.0  # hivemind refuses DHT records whose expiration is too far in its future
+WARN_CLOCK_SKEW = 1.0
+REQUIRED_PYTHON = (3, 11)
+HIVEMIND_VERSION = "1.1.12"
+MIN_TORCH = (2, 1)
+FLOAT_BYTES = 4
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str  # ok | warn | fail | skip
+    detail: str
+    fix: str = ""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info[:2] >= REQUIRED_PYTHON:
+        return Check("python", OK, f"Python {version} ({sys.executable})")
+    return Check("python", FAIL, f"Python {version} is too old",
+                 f"install Python {'.'.join(map(str, REQUIRED_PYTHON))} or newer and reinstall gossiptrain in it")
+
+
+def check_packages() -> Check:
+    found, missing = {}, []
+    for name in ("torch", "hivemind", "uvloop", "msgpack", "prometheus-client", "cryptography", "numpy"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    detail = ", ".join(f"{k} {v}" for k, v in found.items())
+    if missing:
+        return Check("packages", FAIL, f"missing: {', '.join(missing)}; found {detail}",
+                     "pip install -e . (or pip install gossiptrain) in this environment")
+    if _version_tuple(found["torch"]) < MIN_TORCH:
+        return Check("packages", FAIL, f"torch {found['torch']} is older than {'.'.join(map(str, MIN_TORCH))}; {detail}",
+                     "pip install --upgrade torch (CPU: --index-url https://download.pytorch.org/whl/cpu)")
+    if found["hivemind"] != HIVEMIND_VERSION:
+        return Check("packages", WARN, f"hivemind {found['hivemind']} (tested with {HIVEMIND_VERSION}); {detail}",
+                     f"pip install hivemind=={HIVEMIND_VERSION}")
+    return Check("packages", OK, detail)
+
+
+async def check_p2pd() -> Check:
+    from hivemind.p2p import P2P
+
+    started = time.monotonic()
+    p2p = None
+    try:
+        p2p = await asyncio.wait_for(P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), P2PD_TIMEOUT)
+        seconds = time.monotonic() - started
+        return Check("p2pd", OK, f"the bundled libp2p daemon started in {seconds:.2f}s as {p2p.peer_id.to_base58()[-8:]}")
+    except (asyncio.TimeoutError, TimeoutError):
+        return Check("p2pd", FAIL, f"p2pd did not start within {P2PD_TIMEOUT:.0f}s",
+                     "check CPU load and that /tmp is writable (p2pd listens on a unix socket there)")
+    except Exception as error:  # noqa: BLE001 - missing binary, wrong platform, permissions
+        return Check("p2pd", FAIL, f"p2pd failed to start: {error}",
+                     f"reinstall hivemind (pip install --force-reinstall hivemind=={HIVEMIND_VERSION}: its wheel "
+                     "bundles p2pd for linux/macOS x86_64 and arm64)")
+    finally:
+        if p2p is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p2p.shutdown(), 10)
+
+
+def _port_free(host: str, port: int) -> str | None:
+    """None if host:port can be bound for TCP now, else why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
+def check_listen_port(cfg: NodeConfig) -> Check:
+    if cfg.port == 0:
+        hint = ("a random port per start: fine on a LAN and for outgoing connections; peers behind other NATs "
+                "reach you only with a fixed --port that is forwarded (and --announce /ip4/PUBLIC_IP/tcp/PORT)")
+        return Check("listen port", OK if cfg.host in ("127.0.0.1", "0.0.0.0") else WARN, hint)
+    problem = _port_free(cfg.host, cfg.port)
+    if problem:
+        return Check("listen port", FAIL, f"cannot listen on {cfg.host}:{cfg.port}: {problem}",
+                     f"stop what uses port {cfg.port} (ss -ltnp 'sport = :{cfg.port}') or pick another --port")
+    public = cfg.host not in ("127.0.0.1", "::1", "localhost")
+    return Check("listen port", OK if public or not cfg.initial_peers else WARN,
+                 f"{cfg.host}:{cfg.port} is free" + ("" if public else " (loopback only: peers on other machines "
+                                                      "cannot reach you; use --host 0.0.0.0)"),
+                 "" if public or not cfg.initial_peers else "--host 0.0.0.0 and forward the port")
+
+
+def check_metrics_port(cfg: NodeConfig) -> Check:
+    if cfg.metrics_port < 0:
+        return Check("metrics port", SKIP, "metrics disabled (--metrics-port -1)")
+    if cfg.metrics_port == 0:
+        return Check("metrics port", OK, "a free port is picked at start (see node.json for which)")
+    problem = _port_free(cfg.metrics_host, cfg.metrics_port)
+    if problem:
+        return Check("metrics port", FAIL, f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {problem}",
+                     "another node or exporter uses it: pick another --metrics-port (0 for a free one)")
+    return Check("metrics port", OK, f"{cfg.metrics_host}:{cfg.metrics_port} is free")
+
+
+def model_parameters(cfg: NodeConfig) -> int:
+    """Parameter count of the configured model, without allocating it."""
+    import torch
+
+    from node.model import ByteGPT, ModelConfig
+
+    with torch.device("meta"):
+        model = ByteGPT(ModelConfig(cfg.context, cfg.d_model, cfg.n_layers, cfg.n_heads))
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_estimate(cfg: NodeConfig, parameters: int) -> int:
+    """Bytes one node needs for its tensors (fp32): a planning figure, not an exact one.
+
+    θ, gradients and two AdamW moments; φ and the outer momentum; the published, outgoing and
+    received copies; with verification, a replay model with its optimizer plus `audit_window`
+    retained round starts (φ and both moments each). Activations: the micro-batch's attention
+    and MLP intermediates.
+    """
+    copies = 4 + 2 + 3
+    if cfg.verify == "on":
+        copies += 4 + 3 * cfg.audit_window
+    batch = math.ceil(cfg.batch_size / cfg.micro_batches)
+    activations = batch * cfg.context * (cfg.n_layers * (16 * cfg.d_model + 2 * cfg.n_heads * cfg.context) + 3 * 256)
+    return int(1.2 * FLOAT_BYTES * (copies * parameters + activations))
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def check_device(cfg: NodeConfig, parameters: int) -> Check:
+    import torch
+
+    need = memory_estimate(cfg, parameters)
+    model = f"{parameters:,} parameters, ~{_gib(need)} of tensors per node"
+    wants_cuda = cfg.device.startswith("cuda")
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        index = int(cfg.device.split(":")[1]) if cfg.device.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            return Check("device", FAIL, f"{cfg.device} requested but only {torch.cuda.device_count()} GPU(s)",
+                         "pick an existing --device cuda:N (nvidia-smi lists them)")
+        free, total = torch.cuda.mem_get_info(index)
+        name = torch.cuda.get_device_name(index)
+        detail = f"{name} (CUDA {torch.version.cuda}): {_gib(free)} free of {_gib(total)}; model {model}"
+        if need > free:
+            return Check("device", FAIL, detail, "free GPU memory (other processes: nvidia-smi), or a smaller model "
+                         "(--d-model/--n-layers), smaller --batch-size or more --micro-batches")
+        if need > 0.8 * free:
+            return Check("device", WARN, detail, "little headroom: close other GPU jobs or use more --micro-batches")
+        return Check("device", OK, detail)
+    if wants_cuda:
+        why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, container --gpus, CUDA_VISIBLE_DEVICES)")
+        return Check("device", FAIL, f"--device {cfg.device} but {why}",
+                     "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/"
+                     "cu126) and check nvidia-smi, or use --device cpu")
+    available = _mem_available()
+    detail = f"CPU ({os.cpu_count()} cores, no CUDA GPU); model {model}"
+    if available is not None:
+        detail += f"; {_gib(available)} RAM available"
+        if need > available:
+            return Check("device", FAIL, detail, "a smaller model or batch, or a machine with more memory")
+    fine = parameters <= 20_000_000
+    return Check("device", OK if fine else WARN, detail,
+                 "" if fine else "training this model on CPU is slow: a CUDA GPU is recommended")
+
+
+def checkpoint_bytes(parameters: int) -> int:
+    """θ, φ, momentum and both AdamW moments, plus a little metadata."""
+    return 5 * FLOAT_BYTES * parameters + 64 * 1024
+
+
+def check_disk(cfg: NodeConfig, parameters: int) -> Check:
+    work_dir = resolve_work_dir(cfg.work_dir).resolve()
+    existing = work_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".gossiptrain-doctor-"):
+            pass
+    except OSError as error:
+        return Check("disk", FAIL, f"cannot write in {existing}: {error}",
+                     f"choose a writable --work-dir (now {cfg.work_dir}) or fix its permissions")
+    free = shutil.disk_usage(existing).free
+    per_checkpoint = checkpoint_bytes(parameters)
+    need = (cfg.checkpoint_keep + 1) * per_checkpoint  # keep N, plus the one being written
+    detail = (f"{work_dir}: {_gib(free)} free; checkpoints ~{_gib(per_checkpoint)} each, "
+              f"{cfg.checkpoint_keep} kept (+1 while writing) = {_gib(need)}")
+    if free < need:
+        return Check("disk", FAIL, detail, "free space, point --work-dir at a larger disk, or lower --checkpoint-keep")
+    if free < 2 * need + 2**30:
+        return Check("disk", WARN, detail, "little headroom: logs and history grow too; free some space")
+    return Check("disk", OK, detail)
+
+
+async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
+    """Reach the initial peers as a DHT client: live peers, the swarm's manifest vs ours, clock skew."""
+    from protocol import PROTOCOL_VERSION, manifest_hash
+
+    from node.data import DataError, load_corpus
+    from node.status import SwarmUnreachable, dht_client, read_swarm, sample_clock_offsets
+
+    if not cfg.initial_peers:
+        return [
+            Check("swarm", SKIP, "no --initial-peer: this node would start a new swarm"),
+            Check("clock skew", SKIP, "no peers to compare clocks with (pass --initial-peer)"),
+        ]
+    try:
+        corpus = load_corpus(cfg.data or None)
+        ours = manifest_hash(cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION))
+    except DataError as error:
+        return [Check("swarm", FAIL, f"cannot load the training data: {error}", "fix --data"),
+                Check("clock skew", SKIP, "not measured")]
+    try:
+        async with dht_client(cfg.initial_peers) as dht:
+            swarm = await read_swarm(dht, cfg.run_id)
+            offsets = await sample_clock_offsets(dht, cfg.run_id, clock_window)
+    except SwarmUnreachable as error:
+        return [Check("swarm", FAIL, str(error), "check the --initial-peer multiaddrs (any live node's 'others join "
+                      "with' line), that the peer is up, and that firewalls allow the TCP port"),
+                Check("clock skew", SKIP, "not measured: the swarm is unreachable")]
+    checks = []
+    if swarm.manifest is None:
+        checks.append(Check("swarm", WARN, f"reached the DHT, but no swarm {cfg.run_id!r} is registered there",
+                            "check --run-id; or you are the first node of this run"))
+    elif swarm.manifest != ours:
+        checks.append(Check("swarm", FAIL, f"swarm {cfg.run_id!r} runs manifest {swarm.manifest[:12]}, this config "
+                            f"gives {ours[:12]}: the node would be refused",
+                            "use exactly the swarm's model, data, optimizer, outer-step and verification settings "
+                            "(the run's published config), and the same gossiptrain protocol version"))
+    else:
+        checks.append(Check("swarm", OK if swarm.peers else WARN,
+                            f"swarm {cfg.run_id!r}: {len(swarm.peers)} live peer(s), manifest {ours[:12]} matches",
+                            "" if swarm.peers else "no live peer right now: the node will wait for --min-peers"))
+    if not offsets:
+        checks.append(Check("clock skew", SKIP, "no live peer published its clock (older version?)"))
+        return checks
+    worst_peer, worst = max(offsets.items(), key=lambda item: abs(item[1]))
+    detail = (f"{len(offsets)} peer(s); largest offset {worst:+.2f}s (…{worst_peer[-8:]}; accurate to ~0.5s; "
+              f"positive: that peer's clock is ahead of ours)")
+    fix = "sync this machine's clock (timedatectl set-ntp true, or chrony/ntpd); DHT records are refused beyond ~3s"
+    if abs(worst) > MAX_CLOCK_SKEW:
+        checks.append(Check("clock skew", FAIL, detail, fix))
+    elif abs(worst) > WARN_CLOCK_SKEW:
+        checks.append(Check("clock skew", WARN, detail, fix))
+    else:
+        checks.append(Check("clock skew", OK, detail))
+    return checks
+
+
+async def run_checks(cfg: NodeConfig, clock_window: float | None = None,
+                     progress: Callable[[Check], None] = lambda check: None) -> list[Check]:
+    window = clock_window if clock_window is not None else min(2 * cfg.heartbeat + 0.5, 10.0)
+    checks: list[Check] = []
+
+    def add(check: Check) -> None:
+        checks.append(check)
+        progress(check)
+
+    add(check_python())
+    add(check_packages())
+    add(await check_p2pd())
+    add(check_listen_port(cfg))
+    add(check_metrics_port(cfg))
+    parameters = model_parameters(cfg)
+    add(check_device(cfg, parameters))
+    add(check_disk(cfg, parameters))
+    for check in await check_swarm(cfg, window):
+        add(check)
+    return checks
+
+
+def to_json(checks: list[Check]) -> dict:
+    counts = {verdict: sum(c.verdict == verdict for c in checks) for verdict in (OK, WARN, FAIL, SKIP)}
+    return {"verdict": FAIL if counts[FAIL] else WARN if counts[WARN] else OK, "counts": counts,
+            "checks": [asdict(c) for c in checks]}
+

@@ -1,0 +1,200 @@
+"""Read a swarm's state from the DHT as a client: no training, no serving (`gossiptrain status`, `doctor`).
+
+A client runs its own p2pd and joins the DHT in client mode: it reads the presence
+records every member refreshes (round, losses, last exchange, flagged peers, wall
+clock) and the swarm's manifest, then leaves. Nothing is stored on its behalf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+CLIENT_START_TIMEOUT = 30.0  # p2pd start plus the first contact with an initial peer
+READ_TIMEOUT = 10.0  # one DHT read
+
+
+class SwarmUnreachable(RuntimeError):
+    """The client could not start or reach any initial peer, or the DHT did not answer."""
+
+
+@dataclass
+class PeerStatus:
+    peer_id: str
+    round: int | None
+    manifest: str | None
+    age_seconds: float  # since the record was published (by the publisher's clock, if it sent one)
+    eval_loss: float | None = None
+    train_loss: float | None = None
+    tokens_per_second: float | None = None
+    rounds_done: int | None = None
+    version: str | None = None
+    last_exchange_partner: str | None = None
+    last_exchange_age: float | None = None
+    exchanges: dict[str, int] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)  # peers this one has flagged
+    flagged_by: list[str] = field(default_factory=list)  # live peers that flagged this one
+    clock_offset: float | None = None  # its published wall clock minus ours when we read it (<= true skew)
+    maddrs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SwarmStatus:
+    run_id: str
+    manifest: str | None
+    peers: list[PeerStatus]  # live, same manifest as the swarm
+    other_manifest: list[PeerStatus]  # live but running something else (cannot average with the swarm)
+    left: list[str]  # peers whose last record says they left cleanly
+    queried_at: float
+
+    @property
+    def flagged(self) -> dict[str, list[str]]:
+        """Flagged peer -> the live peers that flagged it."""
+        result: dict[str, set[str]] = {}
+        for peer in self.peers:
+            for target in peer.flagged:
+                result.setdefault(target, set()).add(peer.peer_id)
+        return {target: sorted(by) for target, by in sorted(result.items())}
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(value: Any) -> Any:  # JSON has no NaN: a non-finite loss is reported as a string
+            if isinstance(value, float) and not math.isfinite(value):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        return clean({
+            "run_id": self.run_id, "manifest": self.manifest, "queried_at": self.queried_at,
+            "live_peers": len(self.peers), "peers": [vars(p) for p in self.peers],
+            "other_manifest": [vars(p) for p in self.other_manifest], "left": self.left, "flagged": self.flagged,
+        })
+
+
+@contextlib.asynccontextmanager
+async def dht_client(initial_peers: list[str], timeout: float = CLIENT_START_TIMEOUT) -> AsyncIterator[DHTNode]:
+    """A client-mode DHT node over its own p2pd, shut down on exit whatever happens."""
+    if not initial_peers:
+        raise SwarmUnreachable("no initial peers: pass --initial-peer MULTIADDR (any live node's address)")
+    p2p = dht = None
+    try:
+        p2p = await asyncio.wait_for(
+            P2P.create(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"]), timeout)
+        dht = await asyncio.wait_for(
+            DHTNode.create(p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False), timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        await _shutdown(p2p, dht)
+        raise SwarmUnreachable(f"no initial peer answered within {timeout:.0f}s: {' '.join(initial_peers)}") from None
+    except Exception as error:  # noqa: BLE001 - hivemind raises assorted errors for unreachable peers
+        await _shutdown(p2p, dht)
+        raise SwarmUnreachable(f"could not join through {' '.join(initial_peers)}: {error}") from error
+    try:
+        yield dht
+    finally:
+        await _shutdown(p2p, dht)
+
+
+async def _shutdown(p2p: P2P | None, dht: DHTNode | None) -> None:
+    with contextlib.suppress(Exception):
+        if dht is not None:
+            await asyncio.wait_for(dht.shutdown(), 5)
+    with contextlib.suppress(Exception):
+        if p2p is not None:
+            await asyncio.wait_for(p2p.shutdown(), 10)
+
+
+async def _get(dht: DHTNode, key: str) -> Any:
+    try:
+        found = await asyncio.wait_for(dht.get(key, latest=True), READ_TIMEOUT)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise SwarmUnreachable(f"DHT read of {key} timed out after {READ_TIMEOUT:.0f}s") from None
+    except Exception as error:  # noqa: BLE001
+        raise SwarmUnreachable(f"DHT read of {key} failed: {error}") from error
+    return None if found is None else found.value
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_presence(peer_id: str, value: dict[str, Any], expiration: float, now: float) -> PeerStatus:
+    """One presence record, defensively: any field may be missing or of the wrong type (older nodes, bad peers)."""
+    published = _number(value.get("time"))
+    exchange = value.get("last_exchange") if isinstance(value.get("last_exchange"), dict) else {}
+    exchange_time = _number(exchange.get("time"))
+    exchanges = value.get("exchanges") if isinstance(value.get("exchanges"), dict) else {}
+    flagged = value.get("flagged") if isinstance(value.get("flagged"), list) else []
+    maddrs = value.get("maddrs") if isinstance(value.get("maddrs"), list) else []
+    return PeerStatus(
+        peer_id=peer_id,
+        round=_integer(value.get("round")),
+        manifest=value.get("manifest") if isinstance(value.get("manifest"), str) else None,
+        age_seconds=max(0.0, now - published) if published is not None else math.nan,
+        eval_loss=_number(value.get("eval_loss")),
+        train_loss=_number(value.get("train_loss")),
+        tokens_per_second=_number(value.get("tokens_per_second")),
+        rounds_done=_integer(value.get("rounds_done")),
+        version=value.get("version") if isinstance(value.get("version"), str) else None,
+        last_exchange_partner=exchange.get("partner") if isinstance(exchange.get("partner"), str) else None,
+        last_exchange_age=(now - exchange_time) if exchange_time is not None and published is not None
+        else None,
+        exchanges={k: int(v) for k, v in exchanges.items() if isinstance(k, str) and _integer(v) is not None},
+        flagged=[p for p in flagged if isinstance(p, str)],
+        clock_offset=(published - now) if published is not None else None,
+        maddrs=[m for m in maddrs if isinstance(m, str)],
+    )
+
+
+async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
+    """The swarm's manifest and every live presence record, split by whether it runs the swarm's manifest."""
+    manifest = await _get(dht, f"{run_id}.manifest")
+    entries = await _get(dht, f"{run_id}.peers")
+    now = time.time()
+    peers, other, left = [], [], []
+    for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
+        value = getattr(entry, "value", None)
+        if not isinstance(peer_id, str) or not isinstance(value, dict) or entry.expiration_time < now:
+            continue
+        if value.get("left"):
+            left.append(peer_id)
+            continue
+        status = parse_presence(peer_id, value, entry.expiration_time, now)
+        (peers if manifest is None or status.manifest == manifest else other).append(status)
+    peers.sort(key=lambda p: p.peer_id)
+    swarm = SwarmStatus(run_id, manifest if isinstance(manifest, str) else None, peers, other, sorted(left), now)
+    flagged = swarm.flagged
+    for peer in peers:
+        peer.flagged_by = flagged.get(peer.peer_id, [])
+    return swarm
+
+
+async def sample_clock_offsets(dht: DHTNode, run_id: str, window: float, interval: float = 0.5) -> dict[str, float]:
+    """Per peer, the largest (published wall clock - our clock at read) seen over `window` seconds.
+
+    A record is read some time after it was published, so each reading underestimates the
+    peer's clock offset by the record's age; peers republish every heartbeat, so the largest
+    reading over two heartbeats is within about `interval` (plus DHT latency) of the true skew.
+    """
+    best: dict[str, float] = {}
+    deadline = time.monotonic() + window
+    while True:
+        swarm = await read_swarm(dht, run_id)
+        for peer in swarm.peers + swarm.other_manifest:
+            if peer.clock_offset is not None:
+                best[peer.peer_id] = max(best.get(peer.peer_id, -math.inf), peer.clock_offset)
+        if time.monotonic() + interval > deadline:
+            return best
+        await asyncio.sleep(interval)

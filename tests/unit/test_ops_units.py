@@ -1,0 +1,133 @@
+"""The pure parts of the ops commands: peers files, work-dir host names, presence parsing, doctor verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import time
+
+import pytest
+
+from node.cli.status import render
+from node.config import NodeConfig, resolve_work_dir
+from node.doctor import FAIL, OK, WARN, check_device, check_disk, check_metrics_port, memory_estimate, model_parameters
+from node.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
+from node.status import SwarmStatus, parse_presence
+
+BOOT = "/ip4/172.20.0.2/tcp/31337/p2p/12D3KooWBootstrap"
+LOOP = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWBootstrap"
+
+
+def test_peers_file_from_a_running_nodes_status(tmp_path):
+    path = tmp_path / "node.json"
+    assert read_peers_file(path) is None  # not written yet
+    path.write_text(json.dumps({"status": "joining", "maddrs": [BOOT]}))
+    assert read_peers_file(path) is None  # not serving yet
+    path.write_text(json.dumps({"status": "running", "maddrs": [LOOP, BOOT]}))
+    assert read_peers_file(path) == [BOOT]  # another container's loopback is not the bootstrap
+    path.write_text(json.dumps({"status": "running", "maddrs": [LOOP]}))
+    assert read_peers_file(path) == [LOOP]  # one host: loopback is all there is
+    path.write_text('{"status": "runn')
+    assert read_peers_file(path) is None  # partial copy
+
+
+def test_peers_file_as_plain_multiaddr_lines(tmp_path):
+    path = tmp_path / "peers.txt"
+    path.write_text(f"# the bootstrap nodes\n{BOOT}\n\n  /dns4/boot.example.org/tcp/31337/p2p/12D3KooWX  \n")
+    assert read_peers_file(path) == [BOOT, "/dns4/boot.example.org/tcp/31337/p2p/12D3KooWX"]
+
+
+def test_waiting_for_a_peers_file_is_bounded(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(PeersFileError, match="no running peer"):
+        asyncio.run(wait_for_peers_file(tmp_path / "never.json", timeout=0.3, interval=0.05))
+    assert time.monotonic() - started < 5
+
+    async def appears_later():
+        path = tmp_path / "later.txt"
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, path.write_text, BOOT + "\n")
+        return await wait_for_peers_file(path, timeout=10, interval=0.05)
+
+    assert asyncio.run(appears_later()) == [BOOT]
+
+
+def test_work_dir_host_name_placeholder():
+    assert resolve_work_dir("/data/{hostname}").name == socket.gethostname()
+    assert str(resolve_work_dir("./node")) == "node"
+
+
+def test_presence_parsing_survives_missing_and_hostile_fields():
+    now = time.time()
+    good = parse_presence("A", {
+        "round": 7, "manifest": "m", "eval_loss": 2.5, "train_loss": 2.6, "tokens_per_second": 1000.0, "time": now - 1,
+        "last_exchange": {"time": now - 4, "partner": "B"}, "exchanges": {"ok": 3, "timeout": 1},
+        "flagged": ["C"], "version": "0.1.0", "maddrs": ["/ip4/1.2.3.4/tcp/1"]}, now + 5, now)
+    assert (good.round, good.eval_loss, good.last_exchange_partner, good.flagged) == (7, 2.5, "B", ["C"])
+    assert good.clock_offset == pytest.approx(-1, abs=0.01) and good.last_exchange_age == pytest.approx(4, abs=0.01)
+    hostile = parse_presence("X", {"round": "7", "eval_loss": [1], "exchanges": {"ok": "many", 3: 1},
+                                   "flagged": "everyone", "last_exchange": 5, "time": True}, now + 5, now)
+    assert hostile.round is None and hostile.eval_loss is None and hostile.exchanges == {}
+    assert hostile.flagged == [] and hostile.last_exchange_partner is None and hostile.clock_offset is None
+    assert math.isnan(hostile.age_seconds)
+
+
+def test_status_aggregates_flags_and_renders_them():
+    now = time.time()
+    peers = [parse_presence(p, {"round": 3, "manifest": "m", "flagged": flagged, "time": now}, now + 5, now)
+             for p, flagged in (("A", ["C"]), ("B", ["C"]), ("C", []))]
+    swarm = SwarmStatus("run", "m", peers, [], ["D"], now)
+    assert swarm.flagged == {"C": ["A", "B"]}
+    text = render(swarm)
+    assert "live peers 3" in text and "C  flagged by 2" in text and "recently left" in text
+    assert json.loads(json.dumps(swarm.to_json()))["flagged"] == {"C": ["A", "B"]}
+    nan = SwarmStatus("run", "m", [parse_presence("A", {"eval_loss": math.nan, "time": now}, now, now)], [], [], now)
+    assert json.loads(json.dumps(nan.to_json(), allow_nan=False))["peers"][0]["eval_loss"] == "nan"
+
+
+def test_doctor_memory_estimate_grows_with_the_model_and_verification():
+    small = NodeConfig()
+    parameters = model_parameters(small)
+    assert parameters == 470_528  # the built-in default model, counted without allocating it
+    assert memory_estimate(small, parameters) > 21 * 4 * parameters  # verification keeps round starts
+    assert memory_estimate(NodeConfig(verify="off"), parameters) < memory_estimate(small, parameters)
+    big = NodeConfig(d_model=2048, n_layers=24, n_heads=16, context=1024)
+    assert model_parameters(big) > 1_000_000_000
+
+
+def test_doctor_verdicts_name_a_fix(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        check = check_metrics_port(NodeConfig(metrics_port=port))
+    assert check.verdict == FAIL and "--metrics-port" in check.fix
+    assert check_metrics_port(NodeConfig(metrics_port=-1)).verdict == "skip"
+    import torch
+    if not torch.cuda.is_available():
+        cuda = check_device(NodeConfig(device="cuda"), 1000)
+        assert cuda.verdict == FAIL and "torch" in cuda.fix
+        huge = check_device(NodeConfig(device="cpu"), 10**12)  # ~4 TB of tensors
+        assert huge.verdict == FAIL
+    assert check_disk(NodeConfig(work_dir=str(tmp_path / "new" / "dir")), 1000).verdict in (OK, WARN)
+    assert not (tmp_path / "new").exists(), "doctor does not create the work dir"
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if not _writable(read_only):  # root can write anywhere
+            disk = check_disk(NodeConfig(work_dir=str(read_only / "node")), 1000)
+            assert disk.verdict == FAIL and "--work-dir" in disk.fix
+    finally:
+        read_only.chmod(0o700)
+
+
+def _writable(directory) -> bool:
+    try:
+        (directory / ".probe").write_text("x")
+    except OSError:
+        return False
+    (directory / ".probe").unlink()
+    return True
