@@ -8,7 +8,6 @@ function so the precedence rule is tested without a process.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ class NodeConfig:
     port: int = 0
     announce: list[str] = field(default_factory=list)
     identity: str = ""
-    work_dir: str = "./gossiptrain-node"  # "{hostname}" is replaced (one work dir per container on a shared volume)
+    work_dir: str = "./gossiptrain-node"  # "{slot}": the lowest free slot number (node/workdir.py)
     # --- compute ---
     device: str = "auto"
     threads: int = 0
@@ -150,11 +149,6 @@ class NodeConfig:
             "verify": {"on": self.verify, "rate": self.verify_rate, "max_hamming": self.verify_max_hamming,
                        "max_rel_l2": self.verify_max_rel_l2, "max_norm_ratio": self.verify_max_norm_ratio},
         }
-
-
-def resolve_work_dir(work_dir: str) -> Path:
-    """The work dir with "{hostname}" replaced by this machine's (container's) host name."""
-    return Path(work_dir.replace("{hostname}", socket.gethostname()))
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(NodeConfig)}

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from protocol.verification import Tolerances
 
 from node import __version__
 from node.checkpoint import Checkpoint, load_latest, save_checkpoint
-from node.config import NodeConfig, resolve_work_dir
+from node.config import NodeConfig
 from node.data import DataError, load_corpus
 from node.faults import FaultConfigError, fault_from_env
 from node.gossip import Gossip, GossipSettings
@@ -43,6 +44,7 @@ from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSet
 from node.tasks import BackgroundTasks
 from node.trainer import DeviceUnavailable, Trainer
 from node.verification import Verification, VerifySettings
+from node.workdir import WorkDirBusy, claim_work_dir
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,10 @@ class Node:
     async def create(cls, cfg: NodeConfig) -> "Node":
         self = object.__new__(cls)
         self.cfg = cfg
-        self.work_dir = resolve_work_dir(cfg.work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:  # ours alone while we run: a second node on this dir would corrupt both nodes' checkpoints
+            self.work_dir, self._work_dir_lock = claim_work_dir(cfg.work_dir)
+        except WorkDirBusy as error:
+            raise StartupError(str(error)) from error
         # a node.json left by an earlier run (kill -9, a reused volume) must not tell others where we are
         (self.work_dir / "node.json").unlink(missing_ok=True)
         if cfg.initial_peers_file:
@@ -149,6 +153,9 @@ class Node:
                 f"could not join through {cfg.initial_peers or 'no initial peers'}: {error} "
                 "(check the multiaddrs, that the peers are up, and that clocks agree within ~3 s)"
             ) from error
+        except BaseException:  # cancelled by a stop signal while starting: no orphaned p2pd
+            await self._close_network()
+            raise
         try:
             await self._start_services(corpus)
         except BaseException:
@@ -562,6 +569,7 @@ class Node:
         self._write_status("stopped")
         await self._close_network()
         self.executor.shutdown(wait=True)
+        os.close(self._work_dir_lock)  # the work dir is free for the next node (the kernel would do it at exit)
         logger.info("node %s left at round %d after %d rounds", self.peer_id, self.round, self.rounds_done)
         return summary
 
@@ -597,7 +605,7 @@ class Node:
     def _write_status(self, status: str) -> None:
         _write_json(self.work_dir / "node.json", {
             "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
-            "metrics_port": self.metrics_port, "run_id": self.cfg.run_id, "manifest": self.manifest_hash,
-            "parameters": self.trainer.numel, "start": self.start_mode.value if self.start_mode else None,
+            "metrics_port": self.metrics_port, "hostname": socket.gethostname(), "work_dir": str(self.work_dir),
+            "run_id": self.cfg.run_id, "manifest": self.manifest_hash, "parameters": self.trainer.numel, "start": self.start_mode.value if self.start_mode else None,
             "start_detail": self.start_detail, "round": self.round, "initial_eval_loss": self.initial_eval_loss,
         })

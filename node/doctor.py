@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from node.config import NodeConfig, resolve_work_dir
+from node.config import NodeConfig
+from node.workdir import candidates, is_locked
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 P2PD_TIMEOUT = 30.0
-MAX_CLOCK_SKEW = 3.0  # hivemind refuses DHT records whose expiration is too far in its future
+MAX_CLOCK_SKEW = 3.0  # hivemind's DHT refuses to bootstrap against a peer whose clock differs by more
+MAX_CLOCK_PEERS = 16  # peers whose clocks are measured
 WARN_CLOCK_SKEW = 1.0
 REQUIRED_PYTHON = (3, 11)
 HIVEMIND_VERSION = "1.1.12"
@@ -222,7 +224,12 @@ def checkpoint_bytes(parameters: int) -> int:
 
 
 def check_disk(cfg: NodeConfig, parameters: int) -> Check:
-    work_dir = resolve_work_dir(cfg.work_dir).resolve()
+    free_dirs = (d for d in candidates(cfg.work_dir) if not is_locked(d))
+    work_dir = next(free_dirs, None)
+    if work_dir is None:
+        return Check("disk", FAIL, f"work dir {cfg.work_dir} is in use by another running node",
+                     "give every node its own --work-dir (or a {slot} work dir), or stop the other node")
+    work_dir = work_dir.resolve()
     existing = work_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -249,7 +256,7 @@ async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
     from protocol import PROTOCOL_VERSION, manifest_hash
 
     from node.data import DataError, load_corpus
-    from node.status import SwarmUnreachable, dht_client, read_swarm, sample_clock_offsets
+    from node.status import SwarmUnreachable, dht_client, measure_clock, read_swarm, sample_clock_offsets
 
     if not cfg.initial_peers:
         return [
@@ -265,7 +272,16 @@ async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
     try:
         async with dht_client(cfg.initial_peers) as dht:
             swarm = await read_swarm(dht, cfg.run_id)
-            offsets = await sample_clock_offsets(dht, cfg.run_id, clock_window)
+            # the initial peers (addresses known for sure), then the live peers the swarm lists
+            targets = {m.rsplit("/p2p/", 1)[1]: [m.rsplit("/p2p/", 1)[0]] for m in cfg.initial_peers if "/p2p/" in m}
+            for peer in swarm.peers + swarm.other_manifest:
+                targets.setdefault(peer.peer_id, peer.maddrs)
+            targets = dict(list(targets.items())[:MAX_CLOCK_PEERS])
+            pings = await asyncio.gather(*(measure_clock(dht, peer, maddrs) for peer, maddrs in targets.items()))
+            clocks = {peer: ping for peer, ping in zip(targets, pings) if ping is not None}
+            if len(clocks) < len(targets):  # peers that did not answer a ping: their presence records' clocks
+                sampled = await sample_clock_offsets(dht, cfg.run_id, clock_window)
+                clocks.update({peer: (offset, math.nan) for peer, offset in sampled.items() if peer not in clocks})
     except SwarmUnreachable as error:
         return [Check("swarm", FAIL, str(error), "check the --initial-peer multiaddrs (any live node's 'others join "
                       "with' line), that the peer is up, and that firewalls allow the TCP port"),
@@ -283,15 +299,20 @@ async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
         checks.append(Check("swarm", OK if swarm.peers else WARN,
                             f"swarm {cfg.run_id!r}: {len(swarm.peers)} live peer(s), manifest {ours[:12]} matches",
                             "" if swarm.peers else "no live peer right now: the node will wait for --min-peers"))
-    if not offsets:
-        checks.append(Check("clock skew", SKIP, "no live peer published its clock (older version?)"))
+    if not clocks:
+        checks.append(Check("clock skew", SKIP, "no live peer answered a ping or published its clock"))
         return checks
-    worst_peer, worst = max(offsets.items(), key=lambda item: abs(item[1]))
-    detail = (f"{len(offsets)} peer(s); largest offset {worst:+.2f}s (…{worst_peer[-8:]}; accurate to ~0.5s; "
+    worst_peer, (worst, round_trip) = max(clocks.items(), key=lambda item: abs(item[1][0]))
+    accuracy = (f"±{round_trip / 2 * 1000:.1f} ms by DHT ping" if math.isfinite(round_trip)
+                else "±~0.5 s from its presence record")
+    detail = (f"{len(clocks)} peer(s); largest offset {worst:+.2f}s (…{worst_peer[-8:]}, {accuracy}; "
               f"positive: that peer's clock is ahead of ours)")
-    fix = "sync this machine's clock (timedatectl set-ntp true, or chrony/ntpd); DHT records are refused beyond ~3s"
+    fix = ("sync this machine's clock (timedatectl set-ntp true, or chrony/ntpd): hivemind's DHT refuses to join "
+           "through a peer whose clock differs by more than 3 s, and record expirations shift by the skew")
     if abs(worst) > MAX_CLOCK_SKEW:
         checks.append(Check("clock skew", FAIL, detail, fix))
+        if checks[0].verdict == WARN:  # the swarm looked empty: its short-lived records seem expired to us
+            checks[0].detail += " (with this clock skew, peers' presence records look expired on this machine)"
     elif abs(worst) > WARN_CLOCK_SKEW:
         checks.append(Check("clock skew", WARN, detail, fix))
     else:

@@ -100,10 +100,14 @@ class Identity:
         seed = self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                        serialization.NoEncryption())
         temporary = path.with_name(path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(_PRIVATE_PROTO_PREFIX + seed + _raw_public(self._key.public_key()))
-        os.replace(temporary, path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(_PRIVATE_PROTO_PREFIX + seed + _raw_public(self._key.public_key()))
+            os.replace(temporary, path)
+        except OSError as error:
+            raise IdentityError(f"cannot write identity {path}: {error}") from error
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message)

@@ -58,6 +58,11 @@ def read_peers_file(path: str | Path) -> list[str] | None:
     return (routable or maddrs) or None
 
 
+def all_initial_peers(initial_peers: list[str], peers_file: str) -> list[str]:
+    """--initial-peer addresses plus what --initial-peers-file names now (status, doctor: no waiting)."""
+    return [*initial_peers, *((read_peers_file(peers_file) or []) if peers_file else [])]
+
+
 async def wait_for_peers_file(path: str | Path, timeout: float, interval: float = 0.5) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:

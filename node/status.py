@@ -19,6 +19,7 @@ from hivemind.p2p import P2P
 
 CLIENT_START_TIMEOUT = 30.0  # p2pd start plus the first contact with an initial peer
 READ_TIMEOUT = 10.0  # one DHT read
+CLOCK_SLACK = 30.0  # peers drop expired records by their own clocks; ours may be off (doctor measures by how much)
 
 
 class SwarmUnreachable(RuntimeError):
@@ -89,8 +90,9 @@ async def dht_client(initial_peers: list[str], timeout: float = CLIENT_START_TIM
     try:
         p2p = await asyncio.wait_for(
             P2P.create(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"]), timeout)
-        dht = await asyncio.wait_for(
-            DHTNode.create(p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False), timeout)
+        # strict=False: a skewed local clock is reported (by doctor), not a reason to refuse to look
+        dht = await asyncio.wait_for(DHTNode.create(
+            p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False, strict=False), timeout)
     except (asyncio.TimeoutError, TimeoutError):
         await _shutdown(p2p, dht)
         raise SwarmUnreachable(f"no initial peer answered within {timeout:.0f}s: {' '.join(initial_peers)}") from None
@@ -166,7 +168,7 @@ async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
     peers, other, left = [], [], []
     for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
         value = getattr(entry, "value", None)
-        if not isinstance(peer_id, str) or not isinstance(value, dict) or entry.expiration_time < now:
+        if not isinstance(peer_id, str) or not isinstance(value, dict) or entry.expiration_time < now - CLOCK_SLACK:
             continue
         if value.get("left"):
             left.append(peer_id)
@@ -179,6 +181,41 @@ async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
     for peer in peers:
         peer.flagged_by = flagged.get(peer.peer_id, [])
     return swarm
+
+
+async def measure_clock(dht: DHTNode, peer_id: str, maddrs: list[str], tries: int = 3,
+                        timeout: float = 5.0) -> tuple[float, float] | None:
+    """(offset, round trip) of a peer's DHT clock against ours, from the quickest of a few DHT pings.
+
+    A ping reply carries the peer's clock; with t0/t1 our clock around the call, the offset is
+    reply - (t0 + t1) / 2, off by at most half the round trip. None if the peer did not answer.
+    """
+    from hivemind.p2p import PeerID
+    from hivemind.proto import dht_pb2
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        peer = PeerID.from_base58(peer_id)
+        addresses = [Multiaddr(m) for m in maddrs]
+    except Exception:  # noqa: BLE001 - a malformed id or address in someone's presence record
+        return None
+    with contextlib.suppress(Exception):  # known addresses help p2pd dial; the ping decides
+        await asyncio.wait_for(dht.protocol.p2p._client.connect(peer, addresses), timeout)
+    best = None
+    for _ in range(tries):
+        request = dht_pb2.PingRequest(peer=dht.protocol.node_info, validate=False)
+        started = time.time()
+        try:
+            response = await asyncio.wait_for(dht.protocol.get_stub(peer).rpc_ping(request), timeout)
+        except Exception:  # noqa: BLE001 - unreachable or gone: try again, then give up
+            continue
+        finished = time.time()
+        if not response.dht_time:
+            continue
+        round_trip = finished - started
+        if best is None or round_trip < best[1]:
+            best = (response.dht_time - (started + finished) / 2, round_trip)
+    return best
 
 
 async def sample_clock_offsets(dht: DHTNode, run_id: str, window: float, interval: float = 0.5) -> dict[str, float]:

@@ -10,6 +10,7 @@ Exit 0: no check failed; 1: at least one failed; 2: the config itself is invalid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import uvloop
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
 from node.doctor import FAIL, Check, run_checks, to_json
+from node.peers_file import PeersFileError, all_initial_peers
 
 MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 
@@ -45,6 +47,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"[FAIL] config        {error}\n       {'':<13} fix: correct the flag, environment variable or "
               "config file named above", file=sys.stderr)
         return 2
+    try:
+        cfg = dataclasses.replace(cfg, initial_peers=all_initial_peers(cfg.initial_peers, cfg.initial_peers_file))
+    except PeersFileError as error:
+        print(f"[FAIL] peers file    {error}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(logging.CRITICAL)
     progress = (lambda check: None) if args.json else (lambda check: print(line(check), flush=True))

@@ -1,7 +1,8 @@
 """`gossiptrain health`: is the node in this work dir alive? (the container HEALTHCHECK)
 
 Healthy means: its node.json says joining or running, its process exists, and its /metrics
-endpoint answers with this node's identity. Exit 0 healthy, 1 not.
+endpoint answers with this node's identity. With a `{slot}` work dir, the slot claimed by the
+node running on this host (container) is checked. Exit 0 healthy, 1 not.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from node.cli.run import add_config_flags, config_from_args
-from node.config import ConfigError, resolve_work_dir
+from node.config import ConfigError
+from node.workdir import existing_work_dirs, is_locked
 
 METRICS_TIMEOUT = 5.0
 
@@ -27,14 +31,32 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=main)
 
 
-def check(work_dir: str) -> tuple[bool, str]:
-    path = resolve_work_dir(work_dir) / "node.json"
+def _read_status(directory: Path) -> dict | str:
+    path = directory / "node.json"
     try:
-        status = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        return False, f"{path} does not exist (the node has not started yet)"
+        return f"{path} does not exist (the node has not started yet)"
     except (OSError, json.JSONDecodeError) as error:
-        return False, f"cannot read {path}: {error}"
+        return f"cannot read {path}: {error}"
+
+
+def node_dirs(template: str) -> list[Path]:
+    """The work dir to check; for a `{slot}` template, the slots claimed by a node on this host (container)."""
+    if "{slot}" not in template:
+        return [Path(template)]
+    mine = []
+    for directory in existing_work_dirs(template):
+        status = _read_status(directory)
+        if isinstance(status, dict) and status.get("hostname") == socket.gethostname() and is_locked(directory):
+            mine.append(directory)
+    return mine
+
+
+def check_dir(directory: Path) -> tuple[bool, str]:
+    status = _read_status(directory)
+    if isinstance(status, str):
+        return False, status
     if status.get("status") not in ("joining", "running"):
         return False, f"node status is {status.get('status')!r}"
     pid = status.get("pid")
@@ -46,7 +68,7 @@ def check(work_dir: str) -> tuple[bool, str]:
         pass  # exists, owned by someone else
     port = status.get("metrics_port")
     if not port:
-        return True, f"round {status.get('round')} (metrics disabled)"
+        return True, f"{directory}: round {status.get('round')} (metrics disabled)"
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as response:
@@ -56,15 +78,23 @@ def check(work_dir: str) -> tuple[bool, str]:
     if f'peer_id="{status.get("peer_id")}"' not in text:
         return False, f"{url} answers but is not this node's metrics endpoint"
     rounds = [int(float(line.split()[-1])) for line in text.splitlines() if line.startswith("gossiptrain_round ")]
-    return True, f"{status['status']}, round {rounds[0] if rounds else '?'}, peer {status.get('peer_id')}"
+    return True, f"{status['status']}, round {rounds[0] if rounds else '?'}, peer {status.get('peer_id')}, {directory}"
+
+
+def check(template: str) -> tuple[bool, str]:
+    directories = node_dirs(template)
+    if not directories:
+        return False, f"no node of this host holds a work dir matching {template}"
+    results = [check_dir(directory) for directory in directories]
+    return next((result for result in results if result[0]), results[0])
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as error:
-        print(f"gossiptrain health: config error: {error}", file=sys.stderr)
-        return 2
+        print(f"unhealthy: config error: {error}", file=sys.stderr)
+        return 1  # a HEALTHCHECK must exit 0 or 1 (2 is reserved by Docker)
     healthy, detail = check(cfg.work_dir)
     print(f"{'healthy' if healthy else 'unhealthy'}: {detail}", flush=True)
     return 0 if healthy else 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 import typing
 
@@ -55,8 +57,17 @@ async def run_node(cfg: NodeConfig) -> int:
     from node.daemon import JoinError, Node, StartupError
     from node.membership import ManifestMismatch
 
+    # a stop signal while starting (waiting for a peers file, p2pd, the DHT, building the model) cancels
+    # the start-up, which shuts down whatever it had started; once up, the node's own handlers take over
+    loop = asyncio.get_running_loop()
+    creating = asyncio.ensure_future(Node.create(cfg))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, creating.cancel)
     try:
-        node = await Node.create(cfg)
+        node = await creating
+    except asyncio.CancelledError:
+        print("gossiptrain: stopped while starting", file=sys.stderr)
+        return 0
     except (ManifestMismatch, StartupError) as error:
         print(f"gossiptrain: error: {error}", file=sys.stderr)
         return EXIT_CONFIG

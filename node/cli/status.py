@@ -15,6 +15,7 @@ import uvloop
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
 from node.metrics import FAILED_RESULTS
+from node.peers_file import PeersFileError, all_initial_peers
 from node.table import format_table
 
 if TYPE_CHECKING:
@@ -103,8 +104,9 @@ def main(args: argparse.Namespace) -> int:
     from node.status import SwarmUnreachable
 
     try:
-        swarm = uvloop.run(collect(cfg.initial_peers, cfg.run_id, args.timeout))
-    except SwarmUnreachable as error:
+        peers = all_initial_peers(cfg.initial_peers, cfg.initial_peers_file)
+        swarm = uvloop.run(collect(peers, cfg.run_id, args.timeout))
+    except (SwarmUnreachable, PeersFileError) as error:
         print(f"gossiptrain status: error: {error}", file=sys.stderr)
         return EXIT_NO_PEERS
     print(json.dumps(swarm.to_json(), indent=1) if args.json else render(swarm), flush=True)

@@ -27,6 +27,11 @@ def test_save_and_load(tmp_path):
     loaded = Identity.load_or_create(path)
     assert loaded.peer_id == created.peer_id
     assert verify(created.peer_id, b"x", loaded.sign(b"x"))
+    nested = Identity.load_or_create(tmp_path / "keys" / "node" / "id.key")  # parent dirs are created
+    assert Identity.load_or_create(tmp_path / "keys" / "node" / "id.key").peer_id == nested.peer_id
+    (tmp_path / "file").write_text("")
+    with pytest.raises(IdentityError, match="cannot write identity"):
+        Identity.load_or_create(tmp_path / "file" / "id.key")  # a typed error, not a traceback
 
 
 @pytest.mark.parametrize("content", [b"", b"\x08\x00\x12\x40" + b"\x00" * 64, b"garbage" * 20])

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import time
 
 import pytest
 
 from node.cli.status import render
-from node.config import NodeConfig, resolve_work_dir
+from node.cli.health import check as health_check
+from node.config import NodeConfig
 from node.doctor import FAIL, OK, WARN, check_device, check_disk, check_metrics_port, memory_estimate, model_parameters
 from node.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
 from node.status import SwarmStatus, parse_presence
+from node.workdir import WorkDirBusy, claim_work_dir, existing_work_dirs, is_locked
 
 BOOT = "/ip4/172.20.0.2/tcp/31337/p2p/12D3KooWBootstrap"
 LOOP = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWBootstrap"
@@ -54,9 +57,41 @@ def test_waiting_for_a_peers_file_is_bounded(tmp_path):
     assert asyncio.run(appears_later()) == [BOOT]
 
 
-def test_work_dir_host_name_placeholder():
-    assert resolve_work_dir("/data/{hostname}").name == socket.gethostname()
-    assert str(resolve_work_dir("./node")) == "node"
+def test_a_work_dir_is_held_by_one_node_and_slots_go_to_the_lowest_free_number(tmp_path):
+    alone, fd = claim_work_dir(str(tmp_path / "node"))
+    try:
+        assert alone == tmp_path / "node" and is_locked(alone)
+        with pytest.raises(WorkDirBusy, match="in use by another running node"):
+            claim_work_dir(str(tmp_path / "node"))  # flock: a second open file conflicts even in one process
+    finally:
+        os.close(fd)
+    assert not is_locked(alone)  # released with the fd (or the process)
+    template = str(tmp_path / "data" / "node-{slot}")
+    first, fd1 = claim_work_dir(template)
+    second, fd2 = claim_work_dir(template)
+    assert (first.name, second.name) == ("node-1", "node-2")
+    os.close(fd1)  # slot 1's node leaves: the next node (a re-created container) gets slot 1 back
+    again, fd3 = claim_work_dir(template)
+    assert again.name == "node-1" and existing_work_dirs(template) == [first, second]
+    for fd in (fd2, fd3):
+        os.close(fd)
+
+
+def test_health_of_a_slot_work_dir_finds_this_hosts_node(tmp_path):
+    template = str(tmp_path / "node-{slot}")
+    assert health_check(template) == (False, f"no node of this host holds a work dir matching {template}")
+    directory, fd = claim_work_dir(template)
+    try:
+        (directory / "node.json").write_text(json.dumps({
+            "status": "running", "pid": os.getpid(), "metrics_port": None, "round": 3,
+            "hostname": socket.gethostname()}))
+        healthy, detail = health_check(template)
+        assert healthy and "round 3" in detail
+        (directory / "node.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
+                                                         "hostname": "another-container"}))
+        assert not health_check(template)[0]  # another container's node on the shared volume
+    finally:
+        os.close(fd)
 
 
 def test_presence_parsing_survives_missing_and_hostile_fields():

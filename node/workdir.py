@@ -1,0 +1,72 @@
+"""A node's work dir is its alone: an exclusive lock while the node runs, and `{slot}` work dirs.
+
+Two nodes writing checkpoints into one work dir would corrupt each other's state, so a node
+holds an exclusive flock on `<work_dir>/.lock` for its lifetime (the kernel drops it when the
+process dies, kill -9 included). A work dir containing `{slot}` is claimed as the lowest
+number whose lock is free: replicas of one container service sharing a volume each get a
+stable dir (`/data/node-1`, `/data/node-2`, ...), so a re-created container resumes from the
+checkpoints of the slot it claims instead of starting a new dir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+MAX_SLOTS = 256
+LOCK_FILE = ".lock"
+
+
+class WorkDirBusy(RuntimeError):
+    """The work dir (or every slot of it) is held by another running node."""
+
+
+def _try_lock(directory: Path) -> int | None:
+    """An fd holding the exclusive lock of `directory`, or None if another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)  # close-on-exec: p2pd never inherits it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def candidates(template: str) -> list[Path]:
+    if "{slot}" not in template:
+        return [Path(template)]
+    return [Path(template.replace("{slot}", str(n))) for n in range(1, MAX_SLOTS + 1)]
+
+
+def claim_work_dir(template: str) -> tuple[Path, int]:
+    """The work dir this node will use and the fd that holds its lock (keep it open while running)."""
+    for directory in candidates(template):
+        fd = _try_lock(directory)
+        if fd is not None:
+            return directory, fd
+    if "{slot}" in template:
+        raise WorkDirBusy(f"all {MAX_SLOTS} slots of {template} are in use by running nodes")
+    raise WorkDirBusy(f"work dir {template} is in use by another running node "
+                      "(two nodes must not share one: give each its own --work-dir)")
+
+
+def is_locked(directory: Path) -> bool:
+    """True while a running node holds `directory` (without taking the lock if it is free)."""
+    path = directory / LOCK_FILE
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the shared lock if we got it
+    return False
+
+
+def existing_work_dirs(template: str) -> list[Path]:
+    """The dirs a template names that exist now (every slot dir for a `{slot}` template)."""
+    return [d for d in candidates(template) if d.is_dir()]
