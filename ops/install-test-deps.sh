@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# System tools the test suite runs for real: promtool + prometheus (alert rules, live scrapes) and
-# docker-compose (validates docker-compose.yml; no Docker engine is needed). Debian/Ubuntu packages.
-# Skips the install when both are already on PATH; uses sudo when not root.
+# System tools the test suite runs for real: promtool + prometheus (alert rules, live scrapes),
+# docker-compose (validates docker-compose.yml; no Docker engine is needed) and libfaketime (doctor's
+# clock-skew check against a real swarm). Debian/Ubuntu packages. Skips the install when all are
+# there; uses sudo when not root.
 set -euo pipefail
-if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null; then
+if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
+        && [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
     exit 0
 fi
 if ! command -v apt-get >/dev/null; then
@@ -15,5 +17,5 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # --no-install-recommends: the binaries only, not node-exporter & co.
-$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends prometheus docker-compose faketime >/dev/null
 # the package may start a system Prometheus on :9090 where an init system runs; the tests use their own ports
