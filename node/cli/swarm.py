@@ -74,4 +74,5 @@ def main(args: argparse.Namespace) -> int:
             "exit": swarm.nodes[index].process.returncode,
         })
     print(f"\nsummary\n{format_table(rows)}", flush=True)
+    print(f"per-node history in {base}/node*/history.jsonl; plots: gossiptrain report {base}", flush=True)
     return 0 if all(row["exit"] == 0 for row in rows) else 1
