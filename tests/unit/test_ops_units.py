@@ -166,3 +166,29 @@ def _writable(directory) -> bool:
         return False
     (directory / ".probe").unlink()
     return True
+
+
+def test_doctor_gpu_verdicts_compare_the_model_with_free_vram(monkeypatch):
+    """The CUDA branch's decisions, with the device queries answered by the test (CI has no GPU; the
+    queries themselves are torch's)."""
+    import torch
+
+    gib = 2**30
+    free = {"bytes": 10 * gib}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (free["bytes"], 80 * gib))
+    cfg = NodeConfig(device="auto")
+    parameters = 100_000_000  # ~100M: about 10 GB of tensors with verification on
+    need = memory_estimate(cfg, parameters)
+    free["bytes"] = 2 * need
+    assert check_device(cfg, parameters).verdict == OK
+    free["bytes"] = int(need / 0.9)
+    assert check_device(cfg, parameters).verdict == WARN  # under 20% headroom
+    free["bytes"] = need // 2
+    short = check_device(cfg, parameters)
+    assert short.verdict == FAIL and "micro-batches" in short.fix and "Test GPU" in short.detail
+    assert check_device(NodeConfig(device="cuda:3"), parameters).verdict == FAIL  # no such device
+    free["bytes"] = need // 2
+    assert check_device(NodeConfig(device="cpu"), 1000).verdict == OK  # --device cpu ignores the GPU
