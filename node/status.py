@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any, AsyncIterator
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
+
+logger = logging.getLogger(__name__)
 
 CLIENT_START_TIMEOUT = 30.0  # p2pd start plus the first contact with an initial peer
 READ_TIMEOUT = 10.0  # one DHT read
@@ -106,12 +109,14 @@ async def dht_client(initial_peers: list[str], timeout: float = CLIENT_START_TIM
 
 
 async def _shutdown(p2p: P2P | None, dht: DHTNode | None) -> None:
-    with contextlib.suppress(Exception):
-        if dht is not None:
-            await asyncio.wait_for(dht.shutdown(), 5)
-    with contextlib.suppress(Exception):
-        if p2p is not None:
-            await asyncio.wait_for(p2p.shutdown(), 10)
+    """Best effort, bounded: the client's p2pd must go down whatever the DHT does."""
+    for name, closing, timeout in (("DHT", dht, 5), ("p2pd", p2p, 10)):
+        if closing is None:
+            continue
+        try:
+            await asyncio.wait_for(closing.shutdown(), timeout)
+        except Exception as error:  # noqa: BLE001 - nothing to do about it but say so
+            logger.warning("client %s shutdown failed: %s", name, error or type(error).__name__)
 
 
 async def _get(dht: DHTNode, key: str) -> Any:

@@ -19,7 +19,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from node.cli.main import build_parser
+from node.report import png_size  # tests/unit/test_report.py checks PNGs with an independent parser
 from tests.integration.conftest import poll, rounds_done
 from node.swarm import scrape
 from node.workdir import candidates
@@ -433,12 +433,6 @@ def test_doctor_measures_a_skewed_clock(stack):
     assert -9.0 < offset < -7.0 and "by DHT ping" in skew["detail"], skew
     assert "ntp" in skew["fix"].lower()
     assert checks["swarm"]["verdict"] != "fail", checks["swarm"]  # the skew is named as such, not as an unreachable swarm
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
 
 
 def test_report_renders_the_swarms_recorded_history(stack):
