@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import ipaddress
 import math
 import os
 import shutil
@@ -114,18 +115,64 @@ def _port_free(host: str, port: int) -> str | None:
 
 def check_listen_port(cfg: NodeConfig) -> Check:
     if cfg.port == 0:
-        hint = ("a random port per start: fine on a LAN and for outgoing connections; peers behind other NATs "
-                "reach you only with a fixed --port that is forwarded (and --announce /ip4/PUBLIC_IP/tcp/PORT)")
-        return Check("listen port", OK if cfg.host in ("127.0.0.1", "0.0.0.0") else WARN, hint)
+        return Check("listen port", OK, f"{cfg.host}: a random free port is taken at each start")
     problem = _port_free(cfg.host, cfg.port)
     if problem:
         return Check("listen port", FAIL, f"cannot listen on {cfg.host}:{cfg.port}: {problem}",
                      f"stop what uses port {cfg.port} (ss -ltnp 'sport = :{cfg.port}') or pick another --port")
-    public = cfg.host not in ("127.0.0.1", "::1", "localhost")
-    return Check("listen port", OK if public or not cfg.initial_peers else WARN,
-                 f"{cfg.host}:{cfg.port} is free" + ("" if public else " (loopback only: peers on other machines "
-                                                      "cannot reach you; use --host 0.0.0.0)"),
-                 "" if public or not cfg.initial_peers else "--host 0.0.0.0 and forward the port")
+    return Check("listen port", OK, f"{cfg.host}:{cfg.port} is free")
+
+
+def _maddr_ip(maddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    parts = maddr.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        try:
+            return ipaddress.ip_address(parts[2])
+        except ValueError:
+            return None
+    return None
+
+
+def _source_ip(destination: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The local address this machine would use to reach `destination` (a UDP connect sends no packet)."""
+    family = socket.AF_INET6 if destination.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((str(destination), 9))
+            return ipaddress.ip_address(sock.getsockname()[0])
+    except OSError:
+        return None
+
+
+def check_reachable(cfg: NodeConfig) -> Check:
+    """Can peers open connections to this node? Judged from addresses alone (no packet is sent): a loopback
+    listener or an unannounced address behind NAT cannot be reached; a firewall can still block a good one."""
+    peer_ips = [ip for ip in map(_maddr_ip, cfg.initial_peers) if ip is not None]
+    if not cfg.initial_peers:
+        return Check("reachable", SKIP, "no --initial-peer: peers will dial the addresses this node prints at start")
+    remote = [ip for ip in peer_ips if not ip.is_loopback]
+    if not remote and len(peer_ips) == len(cfg.initial_peers):
+        return Check("reachable", OK, "a swarm on this machine (loopback addresses)")
+    loopback_host = cfg.host in ("127.0.0.1", "::1", "localhost")
+    forward = ("use --host 0.0.0.0 and a fixed --port, forward that TCP port on your router/firewall, and "
+               "--announce /ip4/<public-ip>/tcp/<port>")
+    announced = [ip for ip in map(_maddr_ip, cfg.announce) if ip is not None]
+    if cfg.announce:
+        if announced and all(ip.is_loopback for ip in announced):
+            return Check("reachable", FAIL, f"announcing only loopback addresses ({' '.join(cfg.announce)})", forward)
+        return Check("reachable", OK, f"peers will dial {' '.join(cfg.announce)} (that port must be open and "
+                     "forwarded to this machine)")
+    if loopback_host:
+        return Check("reachable", FAIL, f"listening on {cfg.host} only: peers on other machines cannot open "
+                     "connections to this node", forward)
+    public_peers = [ip for ip in remote if ip.is_global]
+    source = _source_ip(public_peers[0]) if public_peers else None
+    if source is not None and not source.is_global:
+        port_hint = "" if cfg.port else " (a random port cannot be forwarded: pick one)"
+        return Check("reachable", WARN, f"this machine reaches the swarm from private address {source}: behind NAT, "
+                     "peers without an open connection to this node cannot reach it", forward + port_hint)
+    detail = f"listening on {cfg.host}:{cfg.port or 'a random port'}"
+    return Check("reachable", OK, detail + (f", reaching peers from {source}" if source else ""))
 
 
 def check_metrics_port(cfg: NodeConfig) -> Check:
@@ -333,6 +380,7 @@ async def run_checks(cfg: NodeConfig, clock_window: float | None = None,
     add(check_packages())
     add(await check_p2pd())
     add(check_listen_port(cfg))
+    add(check_reachable(cfg))
     add(check_metrics_port(cfg))
     parameters = model_parameters(cfg)
     add(check_device(cfg, parameters))

@@ -399,9 +399,9 @@ def test_doctor_passes_for_a_joining_node_and_names_fixes_for_problems(stack):
     report = json.loads(result.stdout)
     checks = {c["name"]: c for c in report["checks"]}
     assert result.returncode == 0 and report["verdict"] in ("ok", "warn"), result.stdout
-    assert {"python", "packages", "p2pd", "listen port", "metrics port", "device", "disk", "swarm",
+    assert {"python", "packages", "p2pd", "listen port", "reachable", "metrics port", "device", "disk", "swarm",
             "clock skew"} <= checks.keys()
-    assert all(checks[name]["verdict"] == "ok" for name in ("p2pd", "swarm", "clock skew", "disk")), checks
+    assert all(checks[name]["verdict"] == "ok" for name in ("p2pd", "swarm", "clock skew", "disk", "reachable")), checks
     assert "3 live peer(s)" in checks["swarm"]["detail"] and "manifest" in checks["swarm"]["detail"]
     # problems: a taken metrics port, CUDA on a CPU-only box, another model than the swarm's
     broken = {**joiner, "GOSSIPTRAIN_METRICS_PORT": str(stack.nodes[0].metrics_port), "GOSSIPTRAIN_DEVICE": "cuda",

@@ -14,7 +14,8 @@ import pytest
 from node.cli.status import render
 from node.cli.health import check as health_check
 from node.config import NodeConfig
-from node.doctor import FAIL, OK, WARN, check_device, check_disk, check_metrics_port, memory_estimate, model_parameters
+from node.doctor import (FAIL, OK, WARN, check_device, check_disk, check_metrics_port, check_reachable, memory_estimate,
+                         model_parameters)
 from node.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
 from node.status import SwarmStatus, parse_presence
 from node.workdir import WorkDirBusy, claim_work_dir, existing_work_dirs, is_locked
@@ -192,3 +193,25 @@ def test_doctor_gpu_verdicts_compare_the_model_with_free_vram(monkeypatch):
     assert check_device(NodeConfig(device="cuda:3"), parameters).verdict == FAIL  # no such device
     free["bytes"] = need // 2
     assert check_device(NodeConfig(device="cpu"), 1000).verdict == OK  # --device cpu ignores the GPU
+
+
+def test_doctor_reachability_from_addresses(monkeypatch):
+    import ipaddress
+
+    import node.doctor as doctor
+
+    remote = "/ip4/8.8.4.4/tcp/31337/p2p/12D3KooWX"
+    assert check_reachable(NodeConfig()).verdict == "skip"
+    assert doctor._source_ip(ipaddress.ip_address("127.0.0.1")) == ipaddress.ip_address("127.0.0.1")  # no packet sent
+    assert check_reachable(NodeConfig(initial_peers=[LOOP])).verdict == OK  # a swarm on this machine
+    loopback = check_reachable(NodeConfig(initial_peers=[remote]))  # the default host is 127.0.0.1
+    assert loopback.verdict == FAIL and "--host 0.0.0.0" in loopback.fix
+    assert check_reachable(NodeConfig(initial_peers=[remote], host="0.0.0.0",
+                                      announce=["/ip4/127.0.0.1/tcp/31337"])).verdict == FAIL
+    assert check_reachable(NodeConfig(initial_peers=[remote], host="0.0.0.0",
+                                      announce=["/ip4/8.8.8.8/tcp/31337"])).verdict == OK
+    monkeypatch.setattr(doctor, "_source_ip", lambda destination: ipaddress.ip_address("192.168.1.5"))
+    natted = check_reachable(NodeConfig(initial_peers=[remote], host="0.0.0.0"))
+    assert natted.verdict == WARN and "192.168.1.5" in natted.detail and "cannot be forwarded" in natted.fix
+    monkeypatch.setattr(doctor, "_source_ip", lambda destination: ipaddress.ip_address("8.8.8.8"))
+    assert check_reachable(NodeConfig(initial_peers=[remote], host="0.0.0.0", port=31337)).verdict == OK
