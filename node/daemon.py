@@ -44,7 +44,7 @@ from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSet
 from node.tasks import BackgroundTasks
 from node.trainer import DeviceUnavailable, Trainer
 from node.verification import Verification, VerifySettings
-from node.workdir import WorkDirBusy, claim_work_dir
+from node.workdir import WorkDirBusy, claim_work_dir, pid_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ class Node:
             self.work_dir, self._work_dir_lock = claim_work_dir(cfg.work_dir)
         except WorkDirBusy as error:
             raise StartupError(str(error)) from error
+        except OSError as error:  # read-only volume, wrong owner
+            raise StartupError(f"cannot use work dir {cfg.work_dir}: {error}") from error
+        self.executor = None
+        try:
+            await self._start(cfg)
+        except BaseException:  # failed or cancelled: the network is closed already; free the rest
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+            os.close(self._work_dir_lock)
+            raise
+        return self
+
+    async def _start(self, cfg: NodeConfig) -> None:
         # a node.json left by an earlier run (kill -9, a reused volume) must not tell others where we are
         (self.work_dir / "node.json").unlink(missing_ok=True)
         if cfg.initial_peers_file:
@@ -132,7 +145,7 @@ class Node:
         except (IdentityError, FaultConfigError) as error:
             raise StartupError(str(error)) from error
         try:
-            self.p2p = await P2P.create(
+            self.p2p = await self._start_p2p(
                 initial_peers=cfg.initial_peers or None,
                 host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
                 announce_maddrs=cfg.announce or None,
@@ -161,7 +174,21 @@ class Node:
         except BaseException:
             await self._close_network()  # no orphaned p2pd, whatever failed
             raise
-        return self
+
+    @staticmethod
+    async def _start_p2p(**kwargs: Any) -> P2P:
+        """P2P.create; cancelled meanwhile (a stop signal), it lets p2pd come up, then shuts it down:
+        hivemind's create leaves a half-started daemon running when cancelled."""
+        starting = asyncio.ensure_future(P2P.create(**kwargs))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            try:
+                p2p = await asyncio.wait_for(starting, STARTUP_TIMEOUT)
+                await asyncio.wait_for(p2p.shutdown(), 10)
+            except Exception as error:  # noqa: BLE001 - start-up failed by itself: nothing left to stop
+                logger.debug("p2pd start-up after cancel: %s", error or type(error).__name__)
+            raise
 
     async def _start_services(self, corpus: Any) -> None:
         cfg = self.cfg
@@ -605,7 +632,8 @@ class Node:
     def _write_status(self, status: str) -> None:
         _write_json(self.work_dir / "node.json", {
             "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
-            "metrics_port": self.metrics_port, "hostname": socket.gethostname(), "work_dir": str(self.work_dir),
+            "metrics_port": self.metrics_port, "hostname": socket.gethostname(), "pid_namespace": pid_namespace(),
+            "work_dir": str(self.work_dir),
             "run_id": self.cfg.run_id, "manifest": self.manifest_hash, "parameters": self.trainer.numel, "start": self.start_mode.value if self.start_mode else None,
             "start_detail": self.start_detail, "round": self.round, "initial_eval_loss": self.initial_eval_loss,
         })

@@ -61,8 +61,18 @@ async def run_node(cfg: NodeConfig) -> int:
     # the start-up, which shuts down whatever it had started; once up, the node's own handlers take over
     loop = asyncio.get_running_loop()
     creating = asyncio.ensure_future(Node.create(cfg))
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:  # as when running: a second signal exits at once (a model build cannot be interrupted)
+            print("gossiptrain: second signal while starting: exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        creating.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, creating.cancel)
+        loop.add_signal_handler(sig, on_signal)
     try:
         node = await creating
     except asyncio.CancelledError:
@@ -90,4 +100,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"gossiptrain: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(cfg.log_level)
+    # until run_node installs its handlers (imports take a second or two), a stop signal exits cleanly at once:
+    # nothing has been started that would need stopping
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_before_start)
     return uvloop.run(run_node(cfg))
+
+
+def _exit_before_start(signum: int, frame: object) -> None:
+    print("gossiptrain: stopped while starting", file=sys.stderr, flush=True)
+    sys.exit(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import pytest
@@ -25,6 +26,19 @@ def poll(predicate: Callable[[], T], timeout: float, interval: float = 0.25, wha
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (p2pd's carries the identity path in the node's work dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def rounds_done(samples: dict[str, float]) -> int:
