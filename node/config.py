@@ -8,6 +8,7 @@ function so the precedence rule is tested without a process.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class NodeConfig:
             (self.vote_timeout > 0 and self.audit_window >= 1 and self.verify_record_ttl > 0,
              "vote_timeout and verify_record_ttl must be > 0, audit_window >= 1"),
             (self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug/info/warning/error"),
+            (set(re.findall(r"\{[^}]*\}", self.work_dir)) <= {"{slot}"},
+             f"work_dir may contain no placeholder but {{slot}}, got {self.work_dir!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -305,6 +305,12 @@ async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
     from node.data import DataError, load_corpus
     from node.status import SwarmUnreachable, dht_client, measure_clock, read_swarm, sample_clock_offsets
 
+    if not cfg.initial_peers and cfg.initial_peers_file:
+        return [
+            Check("swarm", WARN, f"no running peer in {cfg.initial_peers_file} yet: the node would wait up to "
+                  "5 minutes for one, then exit 1", "start the node that writes it (the bootstrap node) first"),
+            Check("clock skew", SKIP, "no peers to compare clocks with yet"),
+        ]
     if not cfg.initial_peers:
         return [
             Check("swarm", SKIP, "no --initial-peer: this node would start a new swarm"),

@@ -6,16 +6,22 @@ process dies, kill -9 included). A work dir containing `{slot}` is claimed as th
 number whose lock is free: replicas of one container service sharing a volume each get a
 stable dir (`/data/node-1`, `/data/node-2`, ...), so a re-created container resumes from the
 checkpoints of the slot it claims instead of starting a new dir.
+
+flock is per host: on a network file system shared by several machines (NFS, CIFS) it may
+not exclude a node on another machine, so give such nodes distinct work dirs.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 MAX_SLOTS = 256
 LOCK_FILE = ".lock"
+LOCK_ATTEMPTS = 3  # a held lock costs a start-up 0.1 s per held slot
+LOCK_RETRY_SECONDS = 0.05
 
 
 class WorkDirBusy(RuntimeError):
@@ -23,15 +29,22 @@ class WorkDirBusy(RuntimeError):
 
 
 def _try_lock(directory: Path) -> int | None:
-    """An fd holding the exclusive lock of `directory`, or None if another process holds it."""
+    """An fd holding the exclusive lock of `directory`, or None if another process holds it.
+
+    A probe (`is_locked`, from a health check or doctor) holds a shared lock for an instant; a
+    few short retries keep such a probe from pushing a starting node onto the next slot.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)  # close-on-exec: p2pd never inherits it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt + 1 < LOCK_ATTEMPTS:
+                time.sleep(LOCK_RETRY_SECONDS)
+    os.close(fd)
+    return None
 
 
 def candidates(template: str) -> list[Path]:
@@ -65,6 +78,14 @@ def is_locked(directory: Path) -> bool:
     finally:
         os.close(fd)  # also releases the shared lock if we got it
     return False
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (one per container), to tell containers apart that share a host name."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def existing_work_dirs(template: str) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
-from node.workdir import existing_work_dirs, is_locked
+from node.workdir import existing_work_dirs, is_locked, pid_namespace
 
 METRICS_TIMEOUT = 5.0
 
@@ -42,13 +42,16 @@ def _read_status(directory: Path) -> dict | str:
 
 
 def node_dirs(template: str) -> list[Path]:
-    """The work dir to check; for a `{slot}` template, the slots claimed by a node on this host (container)."""
+    """The work dir to check; for a `{slot}` template, the slots claimed by a node in this container (same host
+    name and PID namespace: replicas may share a host name under network_mode: host)."""
     if "{slot}" not in template:
         return [Path(template)]
     mine = []
     for directory in existing_work_dirs(template):
         status = _read_status(directory)
-        if isinstance(status, dict) and status.get("hostname") == socket.gethostname() and is_locked(directory):
+        if not isinstance(status, dict) or not is_locked(directory):
+            continue
+        if status.get("hostname") == socket.gethostname() and status.get("pid_namespace") == pid_namespace():
             mine.append(directory)
     return mine
 

@@ -82,3 +82,9 @@ def test_manifest_changes_with_anything_that_must_match():
     assert NodeConfig().manifest("other-data", 1) != base
     assert NodeConfig().manifest("data", 2) != base
     assert NodeConfig(sync_timeout=1.0, metrics_port=1).manifest("data", 1) == base  # local knobs do not matter
+
+
+def test_work_dir_placeholders():
+    assert NodeConfig(work_dir="/data/node-{slot}").validate().work_dir == "/data/node-{slot}"
+    with pytest.raises(ConfigError, match="placeholder"):
+        NodeConfig(work_dir="/data/{hostname}").validate()

@@ -18,7 +18,7 @@ from node.doctor import (FAIL, OK, WARN, check_device, check_disk, check_metrics
                          model_parameters)
 from node.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
 from node.status import SwarmStatus, parse_presence
-from node.workdir import WorkDirBusy, claim_work_dir, existing_work_dirs, is_locked
+from node.workdir import WorkDirBusy, claim_work_dir, existing_work_dirs, is_locked, pid_namespace
 
 BOOT = "/ip4/172.20.0.2/tcp/31337/p2p/12D3KooWBootstrap"
 LOOP = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWBootstrap"
@@ -85,12 +85,15 @@ def test_health_of_a_slot_work_dir_finds_this_hosts_node(tmp_path):
     try:
         (directory / "node.json").write_text(json.dumps({
             "status": "running", "pid": os.getpid(), "metrics_port": None, "round": 3,
-            "hostname": socket.gethostname()}))
+            "hostname": socket.gethostname(), "pid_namespace": pid_namespace()}))
         healthy, detail = health_check(template)
         assert healthy and "round 3" in detail
         (directory / "node.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
                                                          "hostname": "another-container"}))
         assert not health_check(template)[0]  # another container's node on the shared volume
+        (directory / "node.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
+                                                         "hostname": socket.gethostname(), "pid_namespace": -1}))
+        assert not health_check(template)[0]  # same host name (network_mode: host), another container
     finally:
         os.close(fd)
 
