@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the module f
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
 INSTALL_HINT = "run `bash ops/install-test-deps.sh` (Debian packages prometheus and docker-compose)"
-# what Grafana would put in for its variables (the scrape interval here is 1 s)
+# what Grafana would put in for its variables (the scrape interval here is 2 s)
 GRAFANA_VARIABLES = {"instance": ".+", "__rate_interval": "20s", "__range": "5m", "__interval": "2s"}
 
 
@@ -198,7 +198,8 @@ def stop_processes(processes: list[subprocess.Popen], grace: float = 30) -> None
 def prometheus_config(targets: list[str], self_target: str) -> dict:
     """ops/prometheus/prometheus.yml with its DNS discovery (compose service names) replaced by the local targets."""
     config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
+    # 2 s: a scrape of a node busy training on a 2-core box must not time out (that would be a real "down")
+    config["global"].update(scrape_interval="2s", evaluation_interval="2s", scrape_timeout="2s")
     config["rule_files"] = [str(OPS / "prometheus" / pattern) for pattern in config["rule_files"]]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     node_job = jobs["gossiptrain"]
@@ -249,7 +250,7 @@ def stack(tmp_path_factory):
 
         poll(trained, timeout=240, interval=1.0, what="every node to finish 4 rounds with 2 ok exchanges")
         # enough history for 20 s rate windows, and every target scraped as up
-        poll(lambda: len(result.query('count_over_time(up{job="gossiptrain"}[30s]) >= 25')) == 3,
+        poll(lambda: len(result.query('count_over_time(up{job="gossiptrain"}[30s]) >= 13')) == 3,
              timeout=60, interval=1.0, what="30 s of scrapes of all three nodes")
         yield result
     finally:

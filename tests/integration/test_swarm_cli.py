@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import TINY, poll
+from tests.integration.conftest import TINY, poll, processes_mentioning
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,8 @@ def test_sigterm_to_the_launcher_stops_every_node_cleanly(tmp_path):
          "--metrics-base-port", "0", "--refresh", "1", *TINY, "--inner-steps", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
     pids: list[int] = []
+    statuses = [base / f"node{i}" / "node.json" for i in range(2)]
     try:
-        statuses = [base / f"node{i}" / "node.json" for i in range(2)]
         histories = [base / f"node{i}" / "history.jsonl" for i in range(2)]
         poll(lambda: all(h.exists() and len(h.read_text().splitlines()) >= 3 for h in histories), timeout=120,
              what="both nodes to finish two rounds")
@@ -37,10 +37,12 @@ def test_sigterm_to_the_launcher_stops_every_node_cleanly(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait(timeout=10)
+        pids = pids or [json.loads(p.read_text())["pid"] for p in statuses if p.exists()]
         orphans = [pid for pid in pids if _alive(pid)]
         for pid in orphans:  # a failing run must not leave nodes (and their p2pd) behind
             os.killpg(pid, signal.SIGKILL)
     assert not orphans, "nodes kept running after their launcher got SIGTERM"
+    poll(lambda: not processes_mentioning(str(base)), timeout=15, what="the nodes' p2pd to be gone")
     assert "interrupted: stopping nodes (clean leave)" in output
     assert f"plots: gossiptrain report {base}" in output
     for index in range(2):
