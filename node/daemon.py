@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
 
 from protocol import PROTOCOL_VERSION, manifest_hash
 from protocol.verification import Tolerances
@@ -37,6 +36,7 @@ from node.identity import Identity, IdentityError
 from node.join_plan import StartMode, donor_order, plan_start
 from node.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics, counts_by_label
+from node.p2pd import start_p2p
 from node.pairing import clock_catch_up
 from node.peers_file import PeersFileError, wait_for_peers_file
 from node.replay import Replayer
@@ -145,13 +145,13 @@ class Node:
         except (IdentityError, FaultConfigError) as error:
             raise StartupError(str(error)) from error
         try:
-            self.p2p = await self._start_p2p(
+            self.p2p = await start_p2p(
+                STARTUP_TIMEOUT,
                 initial_peers=cfg.initial_peers or None,
                 host_maddrs=[f"/ip4/{cfg.host}/tcp/{cfg.port}"],
                 announce_maddrs=cfg.announce or None,
                 identity_path=str(identity_path),
                 check_if_identity_free=False,  # hivemind's check only reads RSA keys
-                startup_timeout=STARTUP_TIMEOUT,
             )
             self.dht = await asyncio.wait_for(
                 DHTNode.create(p2p=self.p2p, initial_peers=cfg.initial_peers or None, cache_locally=False),
@@ -173,21 +173,6 @@ class Node:
             await self._start_services(corpus)
         except BaseException:
             await self._close_network()  # no orphaned p2pd, whatever failed
-            raise
-
-    @staticmethod
-    async def _start_p2p(**kwargs: Any) -> P2P:
-        """P2P.create; cancelled meanwhile (a stop signal), it lets p2pd come up, then shuts it down:
-        hivemind's create leaves a half-started daemon running when cancelled."""
-        starting = asyncio.ensure_future(P2P.create(**kwargs))
-        try:
-            return await asyncio.shield(starting)
-        except asyncio.CancelledError:
-            try:
-                p2p = await asyncio.wait_for(starting, STARTUP_TIMEOUT)
-                await asyncio.wait_for(p2p.shutdown(), 10)
-            except Exception as error:  # noqa: BLE001 - start-up failed by itself: nothing left to stop
-                logger.debug("p2pd start-up after cancel: %s", error or type(error).__name__)
             raise
 
     async def _start_services(self, corpus: Any) -> None:

@@ -80,12 +80,12 @@ def check_packages() -> Check:
 
 
 async def check_p2pd() -> Check:
-    from hivemind.p2p import P2P
+    from node.p2pd import start_p2p
 
     started = time.monotonic()
     p2p = None
     try:
-        p2p = await asyncio.wait_for(P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), P2PD_TIMEOUT)
+        p2p = await start_p2p(P2PD_TIMEOUT, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         seconds = time.monotonic() - started
         return Check("p2pd", OK, f"the bundled libp2p daemon started in {seconds:.2f}s as {p2p.peer_id.to_base58()[-8:]}")
     except (asyncio.TimeoutError, TimeoutError):

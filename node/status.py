@@ -18,6 +18,8 @@ from typing import Any, AsyncIterator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from node.p2pd import start_p2p
+
 logger = logging.getLogger(__name__)
 
 CLIENT_START_TIMEOUT = 30.0  # p2pd start plus the first contact with an initial peer
@@ -91,8 +93,7 @@ async def dht_client(initial_peers: list[str], timeout: float = CLIENT_START_TIM
         raise SwarmUnreachable("no initial peers: pass --initial-peer MULTIADDR (any live node's address)")
     p2p = dht = None
     try:
-        p2p = await asyncio.wait_for(
-            P2P.create(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"]), timeout)
+        p2p = await start_p2p(timeout, initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         # strict=False: a skewed local clock is reported (by doctor), not a reason to refuse to look
         dht = await asyncio.wait_for(DHTNode.create(
             p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False, strict=False), timeout)
@@ -137,7 +138,7 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def parse_presence(peer_id: str, value: dict[str, Any], expiration: float, now: float) -> PeerStatus:
+def parse_presence(peer_id: str, value: dict[str, Any], now: float) -> PeerStatus:
     """One presence record, defensively: any field may be missing or of the wrong type (older nodes, bad peers)."""
     published = _number(value.get("time"))
     exchange = value.get("last_exchange") if isinstance(value.get("last_exchange"), dict) else {}
@@ -178,7 +179,7 @@ async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
         if value.get("left"):
             left.append(peer_id)
             continue
-        status = parse_presence(peer_id, value, entry.expiration_time, now)
+        status = parse_presence(peer_id, value, now)
         (peers if manifest is None or status.manifest == manifest else other).append(status)
     peers.sort(key=lambda p: p.peer_id)
     swarm = SwarmStatus(run_id, manifest if isinstance(manifest, str) else None, peers, other, sorted(left), now)
@@ -204,8 +205,10 @@ async def measure_clock(dht: DHTNode, peer_id: str, maddrs: list[str], tries: in
         addresses = [Multiaddr(m) for m in maddrs]
     except Exception:  # noqa: BLE001 - a malformed id or address in someone's presence record
         return None
-    with contextlib.suppress(Exception):  # known addresses help p2pd dial; the ping decides
+    try:  # known addresses help p2pd dial; the pings below decide whether the peer answers
         await asyncio.wait_for(dht.protocol.p2p._client.connect(peer, addresses), timeout)
+    except Exception as error:  # noqa: BLE001
+        logger.debug("connecting to %s failed: %s", peer_id, error or type(error).__name__)
     best = None
     for _ in range(tries):
         request = dht_pb2.PingRequest(peer=dht.protocol.node_info, validate=False)

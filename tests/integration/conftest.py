@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
 from node.swarm import LocalSwarm
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small enough for a 2-core CI box, big enough that the loss visibly drops.
 TINY = ["--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--context", "64", "--batch-size", "8",
@@ -26,6 +32,26 @@ def poll(predicate: Callable[[], T], timeout: float, interval: float = 0.25, wha
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def gossiptrain(*args: str) -> Iterator[subprocess.Popen]:
+    """`python -m node ARGS` in its own session (stdout+stderr as text); if the test leaves it running, it and
+    its whole process group (p2pd, a launcher's nodes started in the same group) are killed."""
+    process = subprocess.Popen([sys.executable, "-m", "node", *args], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def stop(process: subprocess.Popen, timeout: float) -> str:
+    """SIGTERM, then its whole output once it has exited (TimeoutExpired after `timeout`)."""
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=timeout)[0]
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -6,37 +6,27 @@ identity set-up, p2pd start-up, the DHT bootstrap and the model build.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from node.p2pd import start_p2p
 from node.workdir import is_locked
-from tests.integration.conftest import TINY, poll, processes_mentioning
+from tests.integration.conftest import TINY, gossiptrain, poll, processes_mentioning, stop
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("delay", [0.3, 1.0, 1.6, 2.5, 4.0])
 def test_stop_signal_during_start_up(tmp_path, delay):
     work_dir = tmp_path / "node"
-    node = subprocess.Popen([sys.executable, "-m", "node", "run", "--work-dir", str(work_dir), "--metrics-port", "0",
-                             "--min-peers", "5", *TINY], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with gossiptrain("run", "--work-dir", str(work_dir), "--metrics-port", "0", "--min-peers", "5", *TINY) as node:
         time.sleep(delay)  # the point is to land the signal at an arbitrary moment of start-up, not to wait for one
-        node.send_signal(signal.SIGTERM)
-        output, _ = node.communicate(timeout=90)
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(timeout=10)
+        output = stop(node, timeout=90)
     assert node.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     # p2pd is stopped by the node, not left to an idle timeout
@@ -45,16 +35,53 @@ def test_stop_signal_during_start_up(tmp_path, delay):
 
 
 def test_stop_signal_while_waiting_for_a_peers_file(tmp_path):
-    node = subprocess.Popen([sys.executable, "-m", "node", "run", "--work-dir", str(tmp_path / "node"),
-                             "--metrics-port", "0", "--initial-peers-file", str(tmp_path / "never.json"), *TINY],
-                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
+    with gossiptrain("run", "--work-dir", str(tmp_path / "node"), "--metrics-port", "0",
+                     "--initial-peers-file", str(tmp_path / "never.json"), *TINY) as node:
         poll(lambda: (tmp_path / "node" / ".lock").exists(), timeout=60, what="the node to claim its work dir")
-        node.send_signal(signal.SIGTERM)
-        output, _ = node.communicate(timeout=30)
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(timeout=10)
+        output = stop(node, timeout=30)
     assert node.returncode == 0 and "stopped while starting" in output, output[-2000:]
+
+
+def p2pd_children() -> list[int]:
+    """p2pd processes started by this (the test) process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, ppid = stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
+            if name == "p2pd" and ppid == os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("cancel_after", [0.0, 0.01, 0.03, 0.06])
+async def test_start_p2p_cancelled_midway_leaves_no_daemon(cancel_after):
+    """hivemind's P2P.create, cancelled while it waits for the daemon, leaves p2pd running; start_p2p does not.
+    (p2pd is up in about 0.1 s: a late cancellation may find it started, which is then shut down here.)"""
+    assert p2pd_children() == []
+    starting = asyncio.ensure_future(start_p2p(30, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+    await asyncio.sleep(cancel_after)  # lands the cancellation at a chosen point of the start-up
+    cancelled = starting.cancel()
+    try:
+        p2p = await starting
+    except asyncio.CancelledError:
+        pass
+    else:
+        assert cancel_after > 0, "a cancellation before the daemon could start must cancel"
+        await p2p.shutdown()
+    deadline = time.monotonic() + 15
+    while p2pd_children() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert p2pd_children() == []
+    assert cancelled or cancel_after > 0
+
+
+async def test_start_p2p_starts_a_working_daemon():
+    p2p = await start_p2p(30, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        assert len(p2pd_children()) == 1 and (await p2p.get_visible_maddrs())
+    finally:
+        await p2p.shutdown()
