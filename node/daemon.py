@@ -27,23 +27,23 @@ from protocol import PROTOCOL_VERSION, manifest_hash
 from protocol.verification import Tolerances
 
 from node import __version__
-from node.checkpoint import Checkpoint, load_latest, save_checkpoint
+from node.train.checkpoint import Checkpoint, load_latest, save_checkpoint
 from node.config import NodeConfig
-from node.data import DataError, load_corpus
-from node.faults import FaultConfigError, fault_from_env
-from node.gossip import Gossip, GossipSettings
-from node.identity import Identity, IdentityError
-from node.join_plan import StartMode, donor_order, plan_start
-from node.membership import DHTUnavailable, Membership
+from node.train.data import DataError, load_corpus
+from node.verify.faults import FaultConfigError, fault_from_env
+from node.gossip.exchange import Gossip, GossipSettings
+from node.net.identity import Identity, IdentityError
+from node.join.plan import StartMode, donor_order, plan_start
+from node.net.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics, counts_by_label
-from node.p2pd import start_p2p
-from node.pairing import clock_catch_up
-from node.peers_file import PeersFileError, wait_for_peers_file
-from node.replay import Replayer
-from node.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
+from node.net.p2pd import start_p2p
+from node.gossip.pairing import clock_catch_up
+from node.join.peers_file import PeersFileError, wait_for_peers_file
+from node.verify.replay import Replayer
+from node.join.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
 from node.tasks import BackgroundTasks
-from node.trainer import DeviceUnavailable, Trainer
-from node.verification import Verification, VerifySettings
+from node.train.trainer import DeviceUnavailable, Trainer
+from node.verify.service import Verification, VerifySettings
 from node.workdir import WorkDirBusy, claim_work_dir, pid_namespace
 
 logger = logging.getLogger(__name__)
@@ -519,7 +519,7 @@ class Node:
             logger.warning("could not append to %s: %s", self.history_path, error)
 
     def _cheat(self) -> None:
-        """Test-only fault injection (node/faults.py): θ ← φ + attack(θ − φ), on the trainer thread."""
+        """Test-only fault injection (node/verify/faults.py): θ ← φ + attack(θ − φ), on the trainer thread."""
         phi = self.trainer.slow_weights
         delta = self.trainer.fast_weights() - phi
         self.trainer.load_fast_weights(phi + self.fault.apply(delta, self._fault_generator))

@@ -75,7 +75,7 @@ class NodeMetrics:
         self.protocol_errors = Counter(
             "gossiptrain_protocol_errors", "Malformed or refused input from peers", ["kind"], registry=r
         )
-        # verification (node/verification.py)
+        # verification (node/verify/service.py)
         self.verifications = Counter(
             "gossiptrain_verifications", "Audits this node replayed and voted on, by its vote", ["verdict"], registry=r)
         self.audit_verdicts = Counter(

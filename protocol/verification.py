@@ -13,7 +13,7 @@ Three signed records live in the DHT:
 Rules here: comparing two update signatures against tolerances, the audit seed and
 sampling, the committee ranking (with reserves that step in for verifiers that do not
 vote), and the 2-of-3 verdict. Signing and checking signatures happens in the node
-(``node/identity.py``); this module only defines the exact bytes that are signed.
+(``node/net/identity.py``); this module only defines the exact bytes that are signed.
 """
 
 from __future__ import annotations

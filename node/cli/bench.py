@@ -31,15 +31,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench {args.what}: --trials and --tiny are for bench verify", file=sys.stderr)
         return 2
     if args.what == "verify":
-        from node import bench_verify
+        from node.bench import verify as bench_verify
 
         trials = bench_verify.DEFAULT_TRIALS if args.trials is None else args.trials
         return bench_verify.run_benchmark(trials, args.tiny, args.numel, args.repeats)
     if args.what == "state-sync":
-        from node import bench_state
+        from node.bench import state as bench_state
 
         return bench_state.run_benchmark(args.numel or bench_state.default_sizes(), args.repeats)
-    from node.bench_exchange import run_benchmark
+    from node.bench.exchange import run_benchmark
 
     if args.numel is not None and len(args.numel) != 1:
         print("bench exchange: --numel takes one value", file=sys.stderr)

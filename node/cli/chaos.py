@@ -7,7 +7,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from node.chaos import LogEntry, make_schedule, run_chaos
+from node.tools.chaos import LogEntry, make_schedule, run_chaos
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:

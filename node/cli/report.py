@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from node.report import ReportError, find_histories, load_history, parse_size, png_size, render, summary
+from node.ops.report import ReportError, find_histories, load_history, parse_size, png_size, render, summary
 from node.table import format_table
 
 DEFAULT_PATHS = ["runs/swarm"]

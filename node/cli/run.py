@@ -55,7 +55,7 @@ def setup_logging(level: str) -> None:
 
 async def run_node(cfg: NodeConfig) -> int:
     from node.daemon import JoinError, Node, StartupError
-    from node.membership import ManifestMismatch
+    from node.net.membership import ManifestMismatch
 
     # a stop signal while starting (waiting for a peers file, p2pd, the DHT, building the model) cancels
     # the start-up, which shuts down whatever it had started; once up, the node's own handlers take over

@@ -15,11 +15,11 @@ import uvloop
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
 from node.metrics import FAILED_RESULTS
-from node.peers_file import PeersFileError, all_initial_peers
+from node.join.peers_file import PeersFileError, all_initial_peers
 from node.table import format_table
 
 if TYPE_CHECKING:
-    from node.status import SwarmStatus
+    from node.ops.status import SwarmStatus
 
 CLIENT_START_TIMEOUT = 30.0  # p2pd start plus the first contact with an initial peer (hivemind loads lazily)
 
@@ -87,7 +87,7 @@ def render(swarm: SwarmStatus) -> str:
 
 
 async def collect(initial_peers: list[str], run_id: str, timeout: float) -> SwarmStatus:
-    from node.status import dht_client, read_swarm
+    from node.ops.status import dht_client, read_swarm
 
     async with dht_client(initial_peers, timeout) as dht:
         return await read_swarm(dht, run_id)
@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(logging.ERROR)
-    from node.status import SwarmUnreachable
+    from node.ops.status import SwarmUnreachable
 
     try:
         peers = all_initial_peers(cfg.initial_peers, cfg.initial_peers_file)

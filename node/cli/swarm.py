@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from node.metrics import FAILED_RESULTS
-from node.swarm import LocalSwarm, SwarmError, progress_row
+from node.tools.swarm import LocalSwarm, SwarmError, progress_row
 from node.table import format_table
 
 

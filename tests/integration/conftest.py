@@ -13,7 +13,7 @@ from typing import Callable, Iterator, TypeVar
 
 import pytest
 
-from node.swarm import LocalSwarm
+from node.tools.swarm import LocalSwarm
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from node.swarm import LocalSwarm, NodeProcess
+from node.tools.swarm import LocalSwarm, NodeProcess
 from tests.integration.conftest import TINY, rounds_done
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from node.chaos import KINDS, make_schedule, run_chaos
+from node.tools.chaos import KINDS, make_schedule, run_chaos
 from tests.integration.conftest import TINY
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from node.checkpoint import list_checkpoints, verify_checkpoint
+from node.train.checkpoint import list_checkpoints, verify_checkpoint
 from node.metrics import FAILED_RESULTS
 from tests.integration.conftest import TINY, poll, rounds_done
 

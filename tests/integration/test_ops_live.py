@@ -31,9 +31,9 @@ import pytest
 import yaml
 
 from node.cli.main import build_parser
-from node.report import png_size  # tests/unit/test_report.py checks PNGs with an independent parser
+from node.ops.report import png_size  # tests/unit/test_report.py checks PNGs with an independent parser
 from tests.integration.conftest import poll, rounds_done
-from node.swarm import scrape
+from node.tools.swarm import scrape
 from node.workdir import candidates
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the module fixture starts a swarm

@@ -14,8 +14,8 @@ import signal
 import pytest
 import torch
 
-from node.checkpoint import list_checkpoints, load_latest
-from node.swarm import LocalSwarm
+from node.train.checkpoint import list_checkpoints, load_latest
+from node.tools.swarm import LocalSwarm
 from tests.integration.conftest import TINY, poll
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.p2pd import start_p2p
+from node.net.p2pd import start_p2p
 from node.workdir import is_locked
 from tests.integration.conftest import TINY, gossiptrain, poll, processes_mentioning, stop
 

@@ -15,7 +15,7 @@ import pytest
 from hivemind.p2p import P2P
 
 from node.metrics import NodeMetrics
-from node.statesync import (
+from node.join.statesync import (
     STATE_PROTOCOL,
     DonorState,
     StateServer,
@@ -23,7 +23,7 @@ from node.statesync import (
     StateSyncSettings,
     download_state,
 )
-from node.transport import FrameStream
+from node.net.streams import FrameStream
 from protocol import StateOffer, StateRequest, TensorSpec, tensor_messages
 
 pytestmark = pytest.mark.integration

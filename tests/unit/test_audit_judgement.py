@@ -7,11 +7,11 @@ import torch
 from protocol.verification import ACCEPT, REJECT, Tolerances, audit_seed, compare
 
 from node.config import NodeConfig
-from node.data import load_corpus
-from node.lsh import UpdateSigner
-from node.replay import Replayer
-from node.trainer import Trainer
-from node.verification import judge_audit, make_commitment
+from node.train.data import load_corpus
+from node.verify.lsh import UpdateSigner
+from node.verify.replay import Replayer
+from node.train.trainer import Trainer
+from node.verify.service import judge_audit, make_commitment
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "batch_size": 4, "inner_steps": 4,
         "eval_batches": 2, "threads": 1}

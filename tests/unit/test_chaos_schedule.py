@@ -1,4 +1,4 @@
-"""The chaos schedule is a pure, seeded function with simple invariants (see node.chaos.make_schedule)."""
+"""The chaos schedule is a pure, seeded function with simple invariants (see node.tools.chaos.make_schedule)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.chaos import (
+from node.tools.chaos import (
     KINDS,
     ChaosEvent,
     ChaosReport,
@@ -24,7 +24,7 @@ from node.chaos import (
     make_schedule,
     node_timeouts,
 )
-from node.swarm import NodeProcess
+from node.tools.swarm import NodeProcess
 
 RESTART_RECOVER, FREEZE_RECOVER = 25.0, 5.0
 
@@ -154,7 +154,7 @@ def test_checkpoint_check_without_a_dir_is_trivially_true(tmp_path):
 
 
 def test_checkpoint_check_reports_a_damaged_file(tmp_path):
-    pytest.importorskip("node.checkpoint")
+    pytest.importorskip("node.train.checkpoint")
     directory = tmp_path / "checkpoints"
     directory.mkdir()
     (directory / "ckpt-0000000001.gtc").write_bytes(b"GTCKPT\x00\x01 torn write")

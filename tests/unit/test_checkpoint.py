@@ -1,4 +1,4 @@
-"""node.checkpoint: bit-exact round trips, numbering/pruning, damage detection, crash safety."""
+"""node.train.checkpoint: bit-exact round trips, numbering/pruning, damage detection, crash safety."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import node.checkpoint as ckpt_mod
-from node.checkpoint import (
+import node.train.checkpoint as ckpt_mod
+from node.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     CheckpointError,
     list_checkpoints,
@@ -255,7 +255,7 @@ def test_damage_is_detected_and_load_latest_falls_back(two_good, case: str, capl
         with pytest.raises(CheckpointError, match=reason) as info:
             check(new)
         assert str(new) in str(info.value) and info.value.path == new
-    with caplog.at_level(logging.WARNING, logger="node.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="node.train.checkpoint"):
         ck, skipped = load_latest(new.parent)
     assert ck is not None and ck.path == old and ck.meta == {"n": 1}
     assert [p for p, _ in skipped] == [new] and reason in skipped[0][1]
@@ -282,7 +282,7 @@ def test_missing_file_is_a_checkpoint_error(tmp_path: Path) -> None:
 CRASHER = textwrap.dedent(
     """
     import sys, torch
-    from node.checkpoint import save_checkpoint
+    from node.train.checkpoint import save_checkpoint
     d = sys.argv[1]
     save_checkpoint(d, {"i": -1}, {"w": torch.full((1000,), -1.0)}, keep=2)
     big = torch.empty(64 * 2**20, dtype=torch.float32)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from node.data import BLOCK_BYTES, Corpus, DataError, ShardSampler, heldout_batches, load_corpus
-from node.model import ModelConfig, build_model
+from node.train.data import BLOCK_BYTES, Corpus, DataError, ShardSampler, heldout_batches, load_corpus
+from node.train.model import ModelConfig, build_model
 
 
 @pytest.fixture(scope="module")

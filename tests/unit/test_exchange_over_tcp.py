@@ -5,8 +5,8 @@ import contextlib
 
 import numpy as np
 
-from node.exchange import flat_spec, swap_tensors
-from node.transport import FrameStream, PeerGone, RemoteError
+from node.net.tensor_stream import flat_spec, swap_tensors
+from node.net.streams import FrameStream, PeerGone, RemoteError
 from protocol import ChecksumMismatch, NonFiniteTensor, TensorEnd
 
 NUMEL = 300_001  # not a multiple of the chunk size

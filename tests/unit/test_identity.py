@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from node.identity import Identity, IdentityError, public_key_of, verify
+from node.net.identity import Identity, IdentityError, public_key_of, verify
 
 
 def test_sign_and_verify_against_the_peer_id_alone():

@@ -6,7 +6,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.join_plan import StartMode, donor_order, plan_start
+from node.join.plan import StartMode, donor_order, plan_start
 
 
 def test_new_swarm_needs_no_download():

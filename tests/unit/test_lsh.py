@@ -8,7 +8,7 @@ import torch
 
 from protocol.verification import Tolerances, compare, hamming_fraction, sketch_rel_l2
 
-from node.lsh import UpdateSigner
+from node.verify.lsh import UpdateSigner
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import pytest
 from node.cli.status import render
 from node.cli.health import check as health_check
 from node.config import NodeConfig
-from node.doctor import (FAIL, OK, WARN, check_device, check_disk, check_metrics_port, check_reachable, memory_estimate,
+from node.ops.doctor import (FAIL, OK, WARN, check_device, check_disk, check_metrics_port, check_reachable, memory_estimate,
                          model_parameters)
-from node.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
-from node.status import SwarmStatus, parse_presence
+from node.join.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
+from node.ops.status import SwarmStatus, parse_presence
 from node.workdir import WorkDirBusy, claim_work_dir, existing_work_dirs, is_locked, pid_namespace
 
 BOOT = "/ip4/172.20.0.2/tcp/31337/p2p/12D3KooWBootstrap"
@@ -186,7 +186,7 @@ def test_doctor_gpu_verdicts_compare_the_model_with_free_vram(monkeypatch):
 def test_doctor_reachability_from_addresses(monkeypatch):
     import ipaddress
 
-    import node.doctor as doctor
+    import node.ops.doctor as doctor
 
     remote = "/ip4/8.8.4.4/tcp/31337/p2p/12D3KooWX"
     assert check_reachable(NodeConfig()).verdict == "skip"

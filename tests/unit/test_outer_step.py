@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from node.outer_step import OuterHyper, outer_step_full, outer_step_theta
+from node.train.outer_step import OuterHyper, outer_step_full, outer_step_theta
 
 
 def random_state(seed: int, n: int = 64):

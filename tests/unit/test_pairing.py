@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.pairing import PairingState, choose_partner, clock_catch_up, could_pair, refusal_reason
+from node.gossip.pairing import PairingState, choose_partner, clock_catch_up, could_pair, refusal_reason
 
 peer_ids = st.text(alphabet="123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", min_size=4, max_size=12)
 

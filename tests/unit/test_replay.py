@@ -7,10 +7,10 @@ import torch
 from protocol.verification import data_assignment
 
 from node.config import NodeConfig
-from node.data import load_corpus
-from node.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV, Fault, FaultConfigError, fault_from_env, parse_fault
-from node.replay import Replayer, ReplayError, describe_start, sent_digest, start_digest, start_from_wire
-from node.trainer import Trainer
+from node.train.data import load_corpus
+from node.verify.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV, Fault, FaultConfigError, fault_from_env, parse_fault
+from node.verify.replay import Replayer, ReplayError, describe_start, sent_digest, start_digest, start_from_wire
+from node.train.trainer import Trainer
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "batch_size": 4, "inner_steps": 4,
         "eval_batches": 2, "threads": 1}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from node.cli import report as cli_report
-from node.report import (
+from node.ops.report import (
     MISSING_MATPLOTLIB,
     ReportError,
     find_histories,
@@ -237,11 +237,11 @@ def test_importable_without_matplotlib(tmp_path: Path):
     """The module and the CLI import without matplotlib; render then says how to install it."""
     script = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "import node.report, node.cli.report\n"
+        "import node.ops.report, node.cli.report\n"
         "r = [{'time': 1.0, 'peer_id': 'p', 'round': 0, 'rounds_done': 0, 'exchanges': {}}]\n"
         "try:\n"
-        f"    node.report.render({{'n': [node.report.validate_record(x) for x in r]}}, {str(tmp_path / 'r.png')!r})\n"
-        "except node.report.ReportError as e:\n"
+        f"    node.ops.report.render({{'n': [node.ops.report.validate_record(x) for x in r]}}, {str(tmp_path / 'r.png')!r})\n"
+        "except node.ops.report.ReportError as e:\n"
         "    print(e)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)

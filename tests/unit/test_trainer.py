@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from node.config import NodeConfig
-from node.data import load_corpus
-from node.outer_step import OuterHyper, outer_step_full, outer_step_theta
-from node.trainer import Trainer, lr_at
+from node.train.data import load_corpus
+from node.train.outer_step import OuterHyper, outer_step_full, outer_step_theta
+from node.train.trainer import Trainer, lr_at
 
 TINY = dict(d_model=32, n_layers=1, n_heads=2, context=32, batch_size=4, inner_steps=3, eval_batches=2, threads=1)
 
@@ -95,7 +95,7 @@ def _interrupt_after(trainer: Trainer, steps: int) -> None:
 def test_stop_checkpoint_resume_continues_step_for_step(corpus, tmp_path, cut_at_step):
     """Stopped after any inner step, checkpointed to disk and resumed in a fresh trainer, training
     continues bit-identically to an uninterrupted run: same losses at every step, same final state."""
-    from node.checkpoint import load_latest, save_checkpoint
+    from node.train.checkpoint import load_latest, save_checkpoint
 
     cfg = NodeConfig(**TINY)
     reference = Trainer(cfg, corpus, shard=0, sampler_seed=5)

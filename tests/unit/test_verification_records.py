@@ -17,10 +17,10 @@ from protocol.verification import (
     signing_bytes,
 )
 
-from node.identity import Identity
+from node.net.identity import Identity
 from node.metrics import NodeMetrics
 from node.tasks import BackgroundTasks
-from node.verification import Verification, VerifySettings
+from node.verify.service import Verification, VerifySettings
 
 RUN = "run"
 

@@ -33,12 +33,12 @@ from protocol import (
     TruncatedFrame,
 )
 
-from node.exchange import ExchangeAborted, confirm, flat_spec, transfer_tensors
-from node.membership import Membership
+from node.net.tensor_stream import ExchangeAborted, confirm, flat_spec, transfer_tensors
+from node.net.membership import Membership
 from node.metrics import NodeMetrics
-from node.pairing import PairingState, choose_partner, could_pair, refusal_reason
+from node.gossip.pairing import PairingState, choose_partner, could_pair, refusal_reason
 from node.tasks import BackgroundTasks
-from node.transport import FrameStream, PeerTimeout
+from node.net.streams import FrameStream, PeerTimeout
 
 logger = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from protocol import (
     TruncatedFrame,
 )
 
-from node.exchange import flat_spec, receive_tensors, send_tensors
+from node.net.tensor_stream import flat_spec, receive_tensors, send_tensors
 from node.metrics import NodeMetrics
-from node.transport import FrameStream
+from node.net.streams import FrameStream
 
 logger = logging.getLogger(__name__)
 

@@ -39,12 +39,12 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from node import identity as ident
-from node.exchange import flat_spec, receive_tensors, send_tensors
-from node.lsh import UpdateSigner
-from node.membership import DHTUnavailable, Membership
+from node.net import identity as ident
+from node.net.tensor_stream import flat_spec, receive_tensors, send_tensors
+from node.verify.lsh import UpdateSigner
+from node.net.membership import DHTUnavailable, Membership
 from node.metrics import NodeMetrics
-from node.replay import (
+from node.verify.replay import (
     Replayer,
     ReplayError,
     describe_start,
@@ -53,8 +53,8 @@ from node.replay import (
     start_from_wire,
 )
 from node.tasks import BackgroundTasks
-from node.trainer import START_TENSORS, RoundStart, Trainer
-from node.transport import FrameStream
+from node.train.trainer import START_TENSORS, RoundStart, Trainer
+from node.net.streams import FrameStream
 from protocol import (
     AuditOffer,
     AuditRequest,

@@ -2,8 +2,8 @@
 
 A verifier replays an audited peer's round from the committed start state (φ, AdamW moments
 and step, data position) on the committed data, with the very code training runs
-(``node.replay.Replayer`` → ``node.trainer.inner_step``) and judges it as
-``node.verification.judge_audit`` does: the committed LSH signature (public, run-wide
+(``node.verify.replay.Replayer`` → ``node.train.trainer.inner_step``) and judges it as
+``node.verify.service.judge_audit`` does: the committed LSH signature (public, run-wide
 projection) must describe the update the peer actually sent, and the sent update and the
 replay, both signed with a projection drawn from the audit seed (``audit_signer``: unknown
 to the peer when it committed), are compared (``protocol.verification.compare``) under the
@@ -24,7 +24,7 @@ three tables, side by side:
    round once (two of them with another micro-batch split than committed: a pessimistic
    committee); every attack's committed signature is compared with those same three
    replays (a verifier's replay does not depend on what the peer committed). Tensor
-   attacks (``node.faults.Fault``) transform the honest Δ; the others change the training
+   attacks (``node.verify.faults.Fault``) transform the honest Δ; the others change the training
    and are trained by the cheater with the honest peer's conditions: copying another
    peer's update (another shard from the same start), skipping inner steps (their batches
    drawn, not trained on), training from a stale φ while committing the current start
@@ -62,13 +62,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from node.config import NodeConfig
-from node.data import Corpus, ShardSampler, load_corpus
-from node.faults import Fault
-from node.lsh import DEFAULT_BITS, UpdateSigner
-from node.replay import Replayer, describe_start, start_digest
+from node.train.data import Corpus, ShardSampler, load_corpus
+from node.verify.faults import Fault
+from node.verify.lsh import DEFAULT_BITS, UpdateSigner
+from node.verify.replay import Replayer, describe_start, start_digest
 from node.table import format_table
-from node.trainer import RoundStart, Trainer
-from node.verification import audit_signer
+from node.train.trainer import RoundStart, Trainer
+from node.verify.service import audit_signer
 from protocol.verification import COMMITTEE_SIZE, Comparison, Tolerances, UpdateSignature, compare
 
 DEFAULT_TRIALS = 12
@@ -109,7 +109,7 @@ VERIFIERS = (Condition(1, 1), Condition(2, 2), Condition(1, 4))  # one committee
 
 @dataclass(frozen=True)
 class Attack:
-    """One way to cheat. kind: a node.faults tensor attack, or copy, skip, stale, other_data, null_noise, null_swap."""
+    """One way to cheat. kind: a node.verify.faults tensor attack, or copy, skip, stale, other_data, null_noise, null_swap."""
 
     label: str
     kind: str
@@ -526,9 +526,9 @@ def _header(cfg: NodeConfig, numel: int, trials: int, configured: Tolerances, cu
     rounds = ", ".join(str(FIRST_ROUND + ROUND_GAP * k) for k in range(min(trials, TRIALS_PER_PEER)))
     return (
         "verification: a verifier replays a peer's round from its committed start state on the committed data "
-        "(node.replay.Replayer, the training code), checks that the committed LSH signature describes the update "
+        "(node.verify.replay.Replayer, the training code), checks that the committed LSH signature describes the update "
         "actually sent, and compares the sent update with the replay under a projection drawn from the audit seed "
-        f"(node.verification.judge_audit); a committee of {COMMITTEE_SIZE} votes, 2 rejects of 3 flag the peer\n"
+        f"(node.verify.service.judge_audit); a committee of {COMMITTEE_SIZE} votes, 2 rejects of 3 flag the peer\n"
         f"model: byte GPT d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context}, "
         f"batch {cfg.batch_size}, {numel:,} parameters; H = {cfg.inner_steps} inner AdamW steps per round; "
         f"lr {cfg.lr:g} (warm-up {cfg.warmup_steps} steps); LSH {DEFAULT_BITS} bits, 128-dim sketch\n"
@@ -581,7 +581,7 @@ def run_benchmark(trials: int = DEFAULT_TRIALS, tiny: bool = False, sizes: list[
     cuda = cuda_condition()
     conditions = [c for c in CPU_CONDITIONS if c.micro_batches <= cfg.batch_size] + ([cuda] if cuda else [])
     replayers = {"cpu": Replayer(cfg, corpus, "cpu")}
-    if cuda:  # what node.trainer.Trainer sets on CUDA while verification is on
+    if cuda:  # what node.train.trainer.Trainer sets on CUDA while verification is on
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.deterministic = True

@@ -2,12 +2,12 @@
 
 For each state size (``numel`` parameters), a joiner downloads φ and δ (2 × numel fp32,
 8·numel tensor bytes) from a live donor, ``repeats`` times, along the exact code path a
-joining node uses: the donor serves through ``node.statesync.StateServer``, the joiner
-calls ``node.statesync.download_state``, with the settings a node gets by default
+joining node uses: the donor serves through ``node.join.statesync.StateServer``, the joiner
+calls ``node.join.statesync.download_state``, with the settings a node gets by default
 (``NodeConfig``: chunk size, frame limit, per-read I/O timeout, one upload at a time).
 
 The two peers are two real nodes on this machine: the joiner is this process, the
-donor a separate OS process (``python -m node.bench_state --serve --numel N``) with its
+donor a separate OS process (``python -m node.bench.state --serve --numel N``) with its
 own event loop, GIL and p2pd, serving a synthetic random DonorState. It prints one ready
 line (peer id, addresses, round, step, and a blake2b checksum of its φ and δ) and serves
 until its stdin closes. The joiner has its own P2P (own p2pd) bootstrapped from the
@@ -46,7 +46,7 @@ from typing import IO
 
 import numpy as np
 
-from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
+from node.bench.child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
 from node.table import format_table
 
 LARGE_NUMEL = 100_000_000  # the second default size: a ~100M-parameter state, 800 MB of φ and δ
@@ -74,7 +74,7 @@ class DownloadFailed(RuntimeError):
 def _settings(numel: int):
     """What a node with the default configuration uses (node/daemon.py builds the same from NodeConfig)."""
     from node.config import NodeConfig
-    from node.statesync import StateSyncSettings
+    from node.join.statesync import StateSyncSettings
 
     cfg = NodeConfig()
     return StateSyncSettings(
@@ -98,9 +98,9 @@ def _checksum(slow: np.ndarray, momentum: np.ndarray) -> str:
 
 
 def default_sizes() -> list[int]:
-    """The default model's parameter count (NodeConfig defaults, built by node.model) and 100M."""
+    """The default model's parameter count (NodeConfig defaults, built by node.train.model) and 100M."""
     from node.config import NodeConfig
-    from node.model import ModelConfig, build_model, count_parameters
+    from node.train.model import ModelConfig, build_model, count_parameters
 
     cfg = NodeConfig()
     model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
@@ -168,7 +168,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     from hivemind.p2p import P2P
 
     from node.metrics import NodeMetrics
-    from node.statesync import DonorState, StateServer
+    from node.join.statesync import DonorState, StateServer
 
     rng = np.random.default_rng(DONOR_SEED)
     state = DonorState(
@@ -234,7 +234,7 @@ async def _download_once(
 ) -> tuple[float, int | None]:
     """One download_state from the donor; (seconds, peak RSS growth), verified against the donor's checksum."""
     from node.metrics import NodeMetrics
-    from node.statesync import download_state
+    from node.join.statesync import download_state
 
     async def donors() -> list[str]:
         return [ready["peer_id"]]
@@ -272,7 +272,7 @@ async def _bench_size(numel: int, repeats: int, meter: PeakMeter) -> SizeResult:
 
     # the donor gives up by itself if we vanish without closing its stdin (we never hang it)
     lifetime = 3 * SETUP_TIMEOUT + repeats * (_download_timeout(numel) + 30) + 60
-    donor = ChildProcess("donor", "bench_state", READY_PREFIX)
+    donor = ChildProcess("donor", "bench.state", READY_PREFIX)
     result = SizeResult(numel)
     error: BaseException | None = None
     p2p = None
@@ -327,9 +327,9 @@ def _header(repeats: int, meter: PeakMeter) -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
     torch_note = "imported by hivemind, unused here" if "torch" in sys.modules else "not imported"
     return (
-        f"state sync: a joiner downloads φ and δ (2 × numel fp32) from one donor with node.statesync.download_state, "
+        f"state sync: a joiner downloads φ and δ (2 × numel fp32) from one donor with node.join.statesync.download_state, "
         f"{repeats} downloads per size, each on a fresh stream, no warm-up (a joiner downloads once)\n"
-        f"donor: a separate process (python -m node.bench_state --serve) with its own p2pd, serving a random "
+        f"donor: a separate process (python -m node.bench.state --serve) with its own p2pd, serving a random "
         f"DonorState through StateServer; joiner: this process, its own p2pd bootstrapped from the donor's "
         f"multiaddrs; node defaults: chunks {cfg.chunk_bytes // 2**20} MiB, frames up to "
         f"{cfg.max_frame_bytes / 2**20:.0f} MiB, I/O timeout {cfg.io_timeout:.0f}s; timed from calling "
@@ -386,4 +386,4 @@ def run_benchmark(sizes: list[int], repeats: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve_entry(sys.argv[1:], "bench_state", "bench state-sync donor", "donor", _serve_main))
+    sys.exit(serve_entry(sys.argv[1:], "bench.state", "bench state-sync donor", "donor", _serve_main))

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from node.p2pd import start_p2p
+from node.net.p2pd import start_p2p
 
 logger = logging.getLogger(__name__)
 

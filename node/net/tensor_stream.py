@@ -1,6 +1,6 @@
 """The pair exchange itself: both sides stream their tensors full duplex, then confirm.
 
-Used by the gossip round (node/gossip.py) and by `gossiptrain bench exchange`, so the
+Used by the gossip round (node/gossip/exchange.py) and by `gossiptrain bench exchange`, so the
 benchmark measures exactly the code path that training uses.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from protocol import ExchangeAck, TensorAssembler, TensorSpec, tensor_messages
 
-from node.transport import FrameStream
+from node.net.streams import FrameStream
 
 
 class ExchangeAborted(RuntimeError):

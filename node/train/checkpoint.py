@@ -40,7 +40,7 @@ from typing import BinaryIO, NamedTuple, NoReturn
 import torch
 
 if sys.byteorder != "little":  # tensor bytes are written in host order; torch targets little-endian hosts
-    raise ImportError("node.checkpoint requires a little-endian host")
+    raise ImportError("node.train.checkpoint requires a little-endian host")
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Pure pairing decisions: whom to ask, whether to accept. Plain values in, plain values out.
 
-The gossip loop (node/gossip.py) gathers the facts and acts on these answers; keeping
+The gossip loop (node/gossip/exchange.py) gathers the facts and acts on these answers; keeping
 the decisions here lets the rules (staleness, one exchange at a time, the crossing
 request tie-break) be tested exhaustively without a network.
 """

@@ -32,7 +32,7 @@ from typing import Any
 
 from node.config import FIELDS
 from node.metrics import FAILED_RESULTS
-from node.swarm import START_TIMEOUT, LocalSwarm, NodeProcess, SwarmError, scrape
+from node.tools.swarm import START_TIMEOUT, LocalSwarm, NodeProcess, SwarmError, scrape
 from node.table import format_table
 
 KINDS = ("kill9", "term", "freeze")
@@ -268,7 +268,7 @@ def check_checkpoints(work_dir: Path) -> tuple[int, int, list[str]]:
     if not directory.is_dir():
         return 0, 0, []
     try:
-        from node.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+        from node.train.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
     except ImportError as error:
         return 0, len(list(directory.glob("ckpt-*.gtc"))), [f"cannot verify: {error}"]
     paths = list_checkpoints(directory)

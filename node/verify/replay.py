@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from node.config import NodeConfig
-from node.data import Corpus, ShardSampler
-from node.model import ModelConfig, build_model
-from node.trainer import START_TENSORS, RoundStart, inner_step, lr_at
+from node.train.data import Corpus, ShardSampler
+from node.train.model import ModelConfig, build_model
+from node.train.trainer import START_TENSORS, RoundStart, inner_step, lr_at
 from protocol.verification import data_assignment
 
 

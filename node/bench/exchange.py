@@ -10,13 +10,13 @@ parameters, numel*4 bytes each way) between two peers, three ways:
     between two real hivemind P2P instances, each with its own p2pd (libp2p: TLS/noise,
     yamux, two extra unix-socket hops through the daemons). What the transport
     itself costs.
- 3. ``gossiptrain``: ``node.exchange.swap_tensors`` over ``FrameStream`` on the same
+ 3. ``gossiptrain``: ``node.net.tensor_stream.swap_tensors`` over ``FrameStream`` on the same
     kind of p2pd stream, the responder registered as a binary stream handler,
     exactly as the gossip round does it (msgpack frames, blake2b checksum,
     finiteness check, acks). What our protocol costs on top of the transport.
 
 The two peers are two real nodes on this machine: the initiator is this process, the
-responder a separate OS process (``python -m node.bench_exchange --serve``) with its
+responder a separate OS process (``python -m node.bench.exchange --serve``) with its
 own event loop, GIL and, for the p2pd modes, its own p2pd. It prints one ready line
 (its TCP port, peer id and addresses) and serves until its stdin closes. Both sides
 use uvloop and generate their tensors from fixed seeds, so each side checks what it
@@ -43,7 +43,7 @@ from typing import IO, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from node.bench_child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
+from node.bench.child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
 from node.table import format_table
 
 T = TypeVar("T")
@@ -117,8 +117,8 @@ def _raw_work(payload: np.ndarray, initiator: bool) -> Work[bytes]:
 
 def _swap_work(payload: np.ndarray) -> Work[np.ndarray]:
     """Side of a gossiptrain exchange: exactly the training path, swap_tensors over a FrameStream."""
-    from node.exchange import flat_spec, swap_tensors
-    from node.transport import FrameStream
+    from node.net.tensor_stream import flat_spec, swap_tensors
+    from node.net.streams import FrameStream
 
     specs = [flat_spec(TENSOR_NAME, payload.size)]
 
@@ -320,7 +320,7 @@ def _header(numel: int, repeats: int) -> str:
         f"pair exchange, full duplex: numel={numel:,} fp32 = {numel * 4 / 1e6:.1f} MB per direction, "
         f"chunks {CHUNK_BYTES // 2**20} MiB, median of {repeats} after 1 warm-up\n"
         f"two peers as separate processes on this machine over loopback (initiator: this process; "
-        f"responder: python -m node.bench_exchange --serve), each with its own uvloop event loop and, "
+        f"responder: python -m node.bench.exchange --serve), each with its own uvloop event loop and, "
         f"for the p2pd modes, its own p2pd; timed by the initiator until both hold the partner's tensor, "
         f"verified outside the timed region\n"
         f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch_note}; "
@@ -358,7 +358,7 @@ async def _main(numel: int, repeats: int) -> int:
     b = _tensor(RESPONDER_SEED, numel)  # what the responder process sends us
     # the responder gives up by itself if we vanish without closing its stdin (we never hang it)
     lifetime = 2 * SETUP_TIMEOUT + 3 * (repeats + 1) * (EXCHANGE_TIMEOUT + IO_TIMEOUT) + 60
-    responder = ChildProcess("responder", "bench_exchange", READY_PREFIX)
+    responder = ChildProcess("responder", "bench.exchange", READY_PREFIX)
     results: list[ModeResult] = []
     error: BaseException | None = None
     try:
@@ -391,4 +391,4 @@ def run_benchmark(numel: int, repeats: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve_entry(sys.argv[1:], "bench_exchange", "bench exchange responder", "responder", _serve_main))
+    sys.exit(serve_entry(sys.argv[1:], "bench.exchange", "bench exchange responder", "responder", _serve_main))

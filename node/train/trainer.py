@@ -19,9 +19,9 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from node.config import NodeConfig
-from node.data import Corpus, ShardSampler, heldout_batches
-from node.model import ModelConfig, build_model
-from node.outer_step import OuterHyper, outer_step_full, outer_step_theta
+from node.train.data import Corpus, ShardSampler, heldout_batches
+from node.train.model import ModelConfig, build_model
+from node.train.outer_step import OuterHyper, outer_step_full, outer_step_theta
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def check_packages() -> Check:
 
 
 async def check_p2pd() -> Check:
-    from node.p2pd import start_p2p
+    from node.net.p2pd import start_p2p
 
     started = time.monotonic()
     p2p = None
@@ -191,7 +191,7 @@ def model_parameters(cfg: NodeConfig) -> int:
     """Parameter count of the configured model, without allocating it."""
     import torch
 
-    from node.model import ByteGPT, ModelConfig
+    from node.train.model import ByteGPT, ModelConfig
 
     with torch.device("meta"):
         model = ByteGPT(ModelConfig(cfg.context, cfg.d_model, cfg.n_layers, cfg.n_heads))
@@ -302,8 +302,8 @@ async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
     """Reach the initial peers as a DHT client: live peers, the swarm's manifest vs ours, clock skew."""
     from protocol import PROTOCOL_VERSION, manifest_hash
 
-    from node.data import DataError, load_corpus
-    from node.status import SwarmUnreachable, dht_client, measure_clock, read_swarm, sample_clock_offsets
+    from node.train.data import DataError, load_corpus
+    from node.ops.status import SwarmUnreachable, dht_client, measure_clock, read_swarm, sample_clock_offsets
 
     if not cfg.initial_peers and cfg.initial_peers_file:
         return [

@@ -152,7 +152,7 @@ class LocalSwarm:
 
     def metrics(self, index: int) -> dict[str, float]:
         node = self.nodes[index]
-        return scrape(node.metrics_url) if node.status.get("metrics_port") else {}
+        return scrape(node.metrics_url) if node.ops.status.get("metrics_port") else {}
 
     def wait_finished(self, timeout: float) -> list[int]:
         """Wait for every node process to exit by itself; returns exit codes (None if still running)."""
