@@ -2,6 +2,8 @@
 
 The event loop (uvloop) owns the network: p2pd, the DHT, gossip and metrics. The
 trainer runs on its own thread behind a single-worker executor; the loop only awaits it.
+This class composes the parts: the join is `node/join/procedure.py`, a round is
+`node/round.py`, the work-dir files are `node/workdir.py`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import random
@@ -20,31 +21,31 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from hivemind.dht.node import DHTNode
 
 from protocol import PROTOCOL_VERSION, manifest_hash
 from protocol.verification import Tolerances
 
 from node import __version__
-from node.train.checkpoint import Checkpoint, load_latest, save_checkpoint
 from node.config import NodeConfig
-from node.train.data import DataError, load_corpus
-from node.verify.faults import FaultConfigError, fault_from_env
 from node.gossip.exchange import Gossip, GossipSettings
-from node.net.identity import Identity, IdentityError
-from node.join.plan import StartMode, donor_order, plan_start
-from node.net.membership import DHTUnavailable, Membership
-from node.metrics import NodeMetrics, counts_by_label
-from node.net.p2pd import start_p2p
-from node.gossip.pairing import clock_catch_up
 from node.join.peers_file import PeersFileError, wait_for_peers_file
-from node.verify.replay import Replayer
-from node.join.statesync import DonorState, StateServer, StateSyncError, StateSyncSettings, download_state
+from node.join.plan import StartMode
+from node.join.procedure import JoinError, Joiner
+from node.join.statesync import DonorState, StateServer, StateSyncSettings
+from node.metrics import NodeMetrics, counts_by_label
+from node.net.identity import Identity, IdentityError
+from node.net.membership import DHTUnavailable, Membership
+from node.net.p2pd import start_p2p
+from node.round import Progress, Rounds
 from node.tasks import BackgroundTasks
+from node.train.checkpoint import save_checkpoint
+from node.train.data import DataError, load_corpus
 from node.train.trainer import DeviceUnavailable, Trainer
+from node.verify.faults import FaultConfigError, fault_from_env
+from node.verify.replay import Replayer
 from node.verify.service import Verification, VerifySettings
-from node.workdir import WorkDirBusy, claim_work_dir, pid_namespace
+from node.workdir import WorkDirBusy, WorkDirFiles, claim_work_dir, pid_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +54,8 @@ PEERS_FILE_TIMEOUT = 300.0  # how long a node started with --initial-peers-file 
 MAX_FLAGGED_PUBLISHED = 32  # flagged peer ids carried in the presence record (for `gossiptrain status`)
 
 
-class JoinError(RuntimeError):
-    """The node could not reach the swarm (bootstrap failed, p2pd did not start)."""
-
-
 class StartupError(RuntimeError):
     """A setting cannot work on this machine (device, metrics port, data): fix the config."""
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic small-file write: readers (the swarm launcher, tests) never see half a file."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    os.replace(temporary, path)
 
 
 class Node:
@@ -95,8 +85,8 @@ class Node:
         return self
 
     async def _start(self, cfg: NodeConfig) -> None:
-        # a node.json left by an earlier run (kill -9, a reused volume) must not tell others where we are
-        (self.work_dir / "node.json").unlink(missing_ok=True)
+        self.files = WorkDirFiles(self.work_dir)
+        self.files.clear_status()
         if cfg.initial_peers_file:
             try:
                 from_file = await wait_for_peers_file(cfg.initial_peers_file, PEERS_FILE_TIMEOUT)
@@ -107,20 +97,12 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer")
         self.stop_event = asyncio.Event()
-        self.round = 0
-        self.eval_loss: float | None = None
+        self.progress = Progress()
         self.peers_seen: set[str] = set()
-        self.rounds_done = 0
         self.exit_code = 0
-        self.initial_eval_loss: float | None = None
-        self.train_loss: float | None = None
-        self.tokens_per_second: float | None = None
-        self.last_exchange: dict[str, Any] | None = None  # time and partner of the last applied partner update
-        self.history_path = self.work_dir / "history.jsonl"
         self.started_at = time.time()
         self.p2p = self.dht = None
         self.background = BackgroundTasks()
-        self.checkpoint_dir = self.work_dir / "checkpoints"
         self.start_mode: StartMode | None = None  # set once the node has its weights (see _join)
         self.start_detail = ""
         self._donor: tuple[int, tuple] | None = None  # (round, trainer.published) served to joiners
@@ -241,11 +223,14 @@ class Node:
             await self.verification.start()
             self.gossip.excluded = self.verification.excluded
         if self.fault is not None:
-            self._fault_generator = torch.Generator().manual_seed(digest)
             logger.warning("TEST FAULT INJECTION ENABLED (%s): this node sends corrupted updates", self.fault)
         self.membership.on_view_change = self._on_view_change
         self.membership.presence_extra = self._presence_extra
-        self.rng = random.Random(digest)
+        self.rounds = Rounds(cfg, self.trainer, self.gossip, self.verification, self.membership, self.metrics,
+                             self._compute, self.progress, self.fault, digest)
+        self.joiner = Joiner(cfg, self.p2p, self.membership, self.metrics, self.trainer, self._compute,
+                             self.state_settings, self.manifest_hash, self.files.checkpoint_dir, self.stop_event,
+                             random.Random(digest))
 
         logger.info(
             "node %s up: %s swarm %r, shard %d/%d, %d parameters on %s, metrics on %s",
@@ -291,6 +276,7 @@ class Node:
         os._exit(1)
 
     async def run(self) -> dict[str, Any]:
+        progress = self.progress
         try:
             await self._join()
             if not self.stop_event.is_set():
@@ -300,98 +286,42 @@ class Node:
                 self._write_status("running")
                 await self._wait_for_peers()
             if not self.stop_event.is_set():
-                self.initial_eval_loss = self.eval_loss = await self._compute(self.trainer.evaluate)
-                self.metrics.eval_loss.set(self.eval_loss)
+                progress.initial_eval_loss = progress.eval_loss = await self._compute(self.trainer.evaluate)
+                self.metrics.eval_loss.set(progress.eval_loss)
                 self._write_status("running")
                 self._record_history(None)
-                logger.info("held-out loss at start: %.3f", self.eval_loss)
-            while not self.stop_event.is_set() and (self.cfg.rounds == 0 or self.rounds_done < self.cfg.rounds):
+                logger.info("held-out loss at start: %.3f", progress.eval_loss)
+            while not self.stop_event.is_set() and (self.cfg.rounds == 0 or progress.rounds_done < self.cfg.rounds):
                 await self._run_round()
         finally:
             summary = await self._leave()
         return summary
 
-    # ------------------------------------------------------------------ join: resume, sync or fresh
     async def _join(self) -> None:
-        """Get this node's weights: its own recent checkpoint, a live donor's state, or the seeded init."""
-        checkpoint = await self._load_own_checkpoint()
-        await self._read_view_for_join()
-        live_rounds = [peer.round for peer in self.membership.live.values()]
-        plan = plan_start(checkpoint.meta["round"] if checkpoint else None, live_rounds, self.cfg.resume_max_lag)
-        if checkpoint is not None:
-            # also before a re-sync: our optimizer state and data position are still ours to continue
-            await self._compute(self.trainer.restore, checkpoint.meta, checkpoint.tensors)
-            self.round, self.rounds_done = checkpoint.meta["round"], checkpoint.meta["rounds_done"]
-            self.start_detail = f"checkpoint {checkpoint.path.name} at round {self.round}"
-        if plan is StartMode.SYNC:
-            try:
-                if not await self._sync_from_donors():
-                    return  # stopped while downloading: nothing new to checkpoint
-            except StateSyncError as error:
-                if checkpoint is None:
-                    raise JoinError(f"{error}; retry later or add other --initial-peer addresses") from error
-                logger.warning("%s; continuing from our own stale checkpoint", error)
-                plan = StartMode.RESUME
-        self.start_mode = plan
-        self._donor = (self.round, self.trainer.published)
-        self.metrics.start_mode.labels(mode=plan.value).set(1)
-        self.metrics.round.set(self.round)
-        swarm_round = max(live_rounds, default=0)
-        logger.info("start: %s (%s; swarm front at round %d, %d live peers)", plan.value,
-                    self.start_detail or "seeded initial weights", swarm_round, len(live_rounds))
+        outcome = await self.joiner.join()
+        self.progress.round, self.progress.rounds_done = outcome.round, outcome.rounds_done
+        self.start_detail = outcome.detail
+        if outcome.mode is None:
+            return  # stopped while downloading: nothing new to checkpoint
+        self.start_mode = outcome.mode
+        self._donor = (self.progress.round, self.trainer.published)
+        self.metrics.round.set(self.progress.round)
 
-    async def _load_own_checkpoint(self) -> Checkpoint | None:
-        checkpoint, skipped = await self._compute(load_latest, self.checkpoint_dir)
-        for path, reason in skipped:
-            self.metrics.checkpoints_damaged.inc()
-            logger.warning("checkpoint %s is damaged (%s): skipped", path.name, reason)
-        if checkpoint is None:
-            return None
-        meta = checkpoint.meta
-        if meta.get("manifest") != self.manifest_hash or meta.get("numel") != self.trainer.numel:
-            logger.warning("checkpoint %s belongs to another run manifest: not resuming from it", checkpoint.path.name)
-            return None
-        return checkpoint
-
-    async def _read_view_for_join(self) -> None:
-        """The live view decides resume vs re-sync; right after bootstrap give presence records a moment."""
-        deadline = time.monotonic() + self.cfg.presence_ttl
-        while True:
-            await self.membership.refresh_view()
-            if self.membership.live or not self.cfg.initial_peers or time.monotonic() >= deadline:
-                return
-            try:
-                await asyncio.wait_for(self.stop_event.wait(), self.cfg.heartbeat / 2)
-                return
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
-
-    async def _sync_from_donors(self) -> bool:
-        """Download and adopt the swarm's state; False if a stop came first. Raises StateSyncError."""
-        async def donors() -> list[str]:
-            await self.membership.refresh_view()
-            return donor_order({p: r.round for p, r in self.membership.live.items()}, self.cfg.max_staleness, self.rng)
-
-        download = asyncio.ensure_future(download_state(
-            self.p2p, self.state_settings, self.metrics, donors, self.cfg.state_sync_timeout))
-        stopped = asyncio.ensure_future(self.stop_event.wait())
-        try:
-            await asyncio.wait({download, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (download, stopped):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(download, stopped, return_exceptions=True)
-        if not download.done() or download.cancelled():
-            return False
-        synced = download.result()  # raises StateSyncError
-        await self._compute(self.trainer.adopt, synced.slow, synced.momentum, synced.global_step)
-        self.round = synced.round
-        self.metrics.state_sync_seconds.set(synced.seconds)
-        self.metrics.state_sync_bytes.inc(synced.nbytes)
-        self.start_detail = (f"donor {synced.donor[-8:]} at round {synced.round}, {synced.nbytes / 2**20:.1f} MiB in "
-                             f"{synced.seconds:.2f}s after {len(synced.attempts)} failed attempts")
-        return True
+    async def _run_round(self) -> None:
+        stats = await self.rounds.train()
+        if self.stop_event.is_set():
+            # leaving before the outer step: the final checkpoint keeps θ and the step count, and a
+            # restart finishes this very round (the remaining inner steps, then the pairing)
+            return
+        result = await self.rounds.outer_step(stats)
+        self._donor = (self.progress.round, self.trainer.published)
+        if self.cfg.checkpoint_every and self.progress.rounds_done % self.cfg.checkpoint_every == 0:
+            await self._checkpoint()
+        await self.rounds.evaluate(result)
+        # peers see our new round now, not at the next heartbeat: pairing depends on it
+        self.background.spawn(self.membership.publish_presence(self.progress.round, self.progress.eval_loss,
+                                                               self.maddrs))
+        self._record_history(result.history)
 
     def _donor_state(self) -> DonorState | None:
         """What this node serves a joiner: its last round boundary (None until it has its weights)."""
@@ -424,108 +354,30 @@ class Node:
                 pass
         logger.info("%d peers live: starting to train", len(self.membership.live))
 
-    async def _run_round(self) -> None:
-        stats = await self._compute(self.trainer.run_round)
-        m = self.metrics
-        tokens_per_second = stats.tokens / max(stats.seconds, 1e-9)
-        if stats.steps:
-            m.inner_steps.inc(stats.steps)
-            m.tokens.inc(stats.tokens)
-            m.tokens_per_second.set(tokens_per_second)
-            m.train_loss.set(stats.mean_loss)
-            m.round_seconds.observe(stats.seconds)
-            m.train_compute_seconds.inc(stats.seconds)
-        if self.stop_event.is_set():
-            # leaving before the outer step: the final checkpoint keeps θ and the step count, and a
-            # restart finishes this very round (the remaining inner steps, then the pairing)
-            return
-
-        partner, tensors, waited = None, None, 0.0
-        next_round = self.round + 1
-        if self.cfg.sync == "noloco":
-            live_rounds = [peer.round for peer in self.membership.live.values()]
-            if (caught_up := clock_catch_up(live_rounds, self.round, self.cfg.max_staleness)) is not None:
-                logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
-                            self.cfg.max_staleness, self.round, caught_up)
-                self.round, next_round = caught_up, caught_up + 1
-            if self.fault is not None:
-                await self._compute(self._cheat)
-            if self.verification is not None:
-                outgoing = await self.verification.commit(self.round)  # None: this round is not paired
-            else:
-                outgoing = await self._compute(self.trainer.outgoing_tensors)
-            if outgoing is not None:
-                outcome = await self.gossip.sync_round(self.round, outgoing, self.cfg.sync_timeout)
-                partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
-                if partner is not None and self.verification is not None and not await self.verification.accept_update(
-                        partner, outcome.partner_round, tensors):
-                    partner, tensors = None, None  # refused: a local outer step
-                elif outcome.partner_round is not None:
-                    # Lamport-style: a pair leaves with the later of its two rounds, so a slower node is
-                    # pulled along instead of drifting out of every partner's staleness window
-                    next_round = max(self.round, outcome.partner_round) + 1
-        m.sync_wait_seconds.observe(waited)
-        distance = await self._compute(self.trainer.apply_outer_step, tensors)
-        if distance is not None:
-            m.partner_distance.set(distance)
-        if partner is not None:
-            self.last_exchange = {"time": time.time(), "partner": partner}
-        m.outer_rounds.labels(mode="paired" if partner else "local").inc()
-        self.round = next_round
-        self.rounds_done += 1
-        self._donor = (self.round, self.trainer.published)
-        m.round.set(self.round)
-        if self.cfg.checkpoint_every and self.rounds_done % self.cfg.checkpoint_every == 0:
-            await self._checkpoint()
-        self.eval_loss = await self._compute(self.trainer.evaluate)
-        m.eval_loss.set(self.eval_loss)
-        # peers see our new round now, not at the next heartbeat: pairing depends on it
-        self.background.spawn(self.membership.publish_presence(self.round, self.eval_loss, self.maddrs))
-        if stats.steps:
-            self.train_loss, self.tokens_per_second = stats.mean_loss, tokens_per_second
-        self._record_history({"partner": partner, "partner_distance": distance, "wait_seconds": round(waited, 4)})
-        logger.info(
-            "round %d  loss %.3f  eval %.3f  %5.0f tok/s  partner %s  wait %.2fs",
-            self.round, stats.mean_loss, self.eval_loss, tokens_per_second, partner[-8:] if partner else "-", waited,
-        )
-
     def _presence_extra(self) -> dict[str, Any]:
         """What `gossiptrain status` and `doctor` read from our presence record, besides round and eval loss."""
         flagged = sorted(self.verification.flagged)[:MAX_FLAGGED_PUBLISHED] if self.verification is not None else []
         return {
             "time": time.time(),  # our wall clock when published: `gossiptrain doctor` estimates clock skew from it
-            "version": __version__, "started": self.started_at, "rounds_done": self.rounds_done,
-            "train_loss": self.train_loss, "tokens_per_second": self.tokens_per_second,
-            "last_exchange": self.last_exchange, "exchanges": counts_by_label(self.metrics.exchanges, "result"),
+            "version": __version__, "started": self.started_at, "rounds_done": self.progress.rounds_done,
+            "train_loss": self.progress.train_loss, "tokens_per_second": self.progress.tokens_per_second,
+            "last_exchange": self.progress.last_exchange, "exchanges": counts_by_label(self.metrics.exchanges, "result"),
             "flagged": flagged,
         }
 
     def _record_history(self, round_info: dict[str, Any] | None) -> None:
-        """Append one line to history.jsonl (read by `gossiptrain report`); a failed write never stops training."""
-        m = self.metrics
-        record = {
-            "time": round(time.time(), 3), "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done,
-            "train_loss": self.train_loss, "eval_loss": self.eval_loss, "tokens_per_second": self.tokens_per_second,
+        """One line of history.jsonl (read by `gossiptrain report`)."""
+        m, progress = self.metrics, self.progress
+        self.files.append_history({
+            "time": round(time.time(), 3), "peer_id": self.peer_id, "round": progress.round,
+            "rounds_done": progress.rounds_done, "train_loss": progress.train_loss, "eval_loss": progress.eval_loss,
+            "tokens_per_second": progress.tokens_per_second,
             "partner": None, "partner_distance": None, "wait_seconds": None,
             **(round_info or {}),
             "exchanges": counts_by_label(m.exchanges, "result"),
             "bytes_sent": int(sum(counts_by_label(m.bytes_sent, "kind").values())),
             "bytes_received": int(sum(counts_by_label(m.bytes_received, "kind").values())),
-        }
-        try:
-            with open(self.history_path, "a") as file:
-                file.write(json.dumps(record, default=str) + "\n")
-        except OSError as error:
-            logger.warning("could not append to %s: %s", self.history_path, error)
-
-    def _cheat(self) -> None:
-        """Test-only fault injection (node/verify/faults.py): θ ← φ + attack(θ − φ), on the trainer thread."""
-        phi = self.trainer.slow_weights
-        delta = self.trainer.fast_weights() - phi
-        self.trainer.load_fast_weights(phi + self.fault.apply(delta, self._fault_generator))
-        if self.fault.hide and self.verification is not None:
-            self.verification.committed_update = delta
-        logger.warning("TEST FAULT INJECTION: round %d sends a %s update", self.round, self.fault)
+        })
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -536,8 +388,8 @@ class Node:
                 return
             try:
                 # bounded well inside the presence TTL, so one slow DHT call cannot make us vanish
-                await asyncio.wait_for(
-                    self.membership.heartbeat(self.round, self.eval_loss, self.maddrs), self.cfg.presence_ttl / 2)
+                await asyncio.wait_for(self.membership.heartbeat(self.progress.round, self.progress.eval_loss,
+                                                                 self.maddrs), self.cfg.presence_ttl / 2)
                 self.metrics.peers_live.set(len(self.membership.live))
                 self.peers_seen.update(self.membership.live)
             except Exception as error:  # noqa: BLE001 - a failed heartbeat is retried next period
@@ -546,7 +398,7 @@ class Node:
 
     async def _checkpoint(self) -> None:
         """Write a checkpoint on the trainer thread (the state must not move while it is written)."""
-        position = (self.rounds_done, self.trainer.global_step)
+        position = (self.progress.rounds_done, self.trainer.global_step)
         if position == self._checkpointed:
             return  # the newest checkpoint already holds exactly this state
         started = time.monotonic()
@@ -565,9 +417,9 @@ class Node:
 
     def _write_checkpoint(self) -> Path:
         meta, tensors = self.trainer.checkpoint_state()
-        meta.update(format=1, manifest=self.manifest_hash, round=self.round, rounds_done=self.rounds_done,
-                    peer_id=self.peer_id, written_at=time.time())
-        return save_checkpoint(self.checkpoint_dir, meta, tensors, keep=self.cfg.checkpoint_keep)
+        meta.update(format=1, manifest=self.manifest_hash, round=self.progress.round,
+                    rounds_done=self.progress.rounds_done, peer_id=self.peer_id, written_at=time.time())
+        return save_checkpoint(self.files.checkpoint_dir, meta, tensors, keep=self.cfg.checkpoint_keep)
 
     async def _leave(self) -> dict[str, Any]:
         if not self.stop_event.is_set():
@@ -577,12 +429,13 @@ class Node:
             # peers drop us at their next refresh (not after the TTL) while the final checkpoint is written
             await asyncio.gather(self.membership.withdraw(), self._checkpoint())
         summary = self.summary()
-        _write_json(self.work_dir / "summary.json", summary)
+        self.files.write_summary(summary)
         self._write_status("stopped")
         await self._close_network()
         self.executor.shutdown(wait=True)
         os.close(self._work_dir_lock)  # the work dir is free for the next node (the kernel would do it at exit)
-        logger.info("node %s left at round %d after %d rounds", self.peer_id, self.round, self.rounds_done)
+        logger.info("node %s left at round %d after %d rounds", self.peer_id, self.progress.round,
+                    self.progress.rounds_done)
         return summary
 
     def _p2pd_exit_code(self) -> int | None:
@@ -603,11 +456,12 @@ class Node:
     def summary(self) -> dict[str, Any]:
         exchanges = counts_by_label(self.metrics.exchanges, "result")
         votes = counts_by_label(self.metrics.verifications, "verdict")
+        progress = self.progress
         return {
-            "peer_id": self.peer_id, "round": self.round, "rounds_done": self.rounds_done,
+            "peer_id": self.peer_id, "round": progress.round, "rounds_done": progress.rounds_done,
             "start": self.start_mode.value if self.start_mode else None, "start_detail": self.start_detail,
-            "initial_eval_loss": self.initial_eval_loss,
-            "eval_loss": self.eval_loss, "exchanges": exchanges, "peers_seen": len(self.peers_seen),
+            "initial_eval_loss": progress.initial_eval_loss,
+            "eval_loss": progress.eval_loss, "exchanges": exchanges, "peers_seen": len(self.peers_seen),
             "flagged": sorted(self.verification.flagged) if self.verification is not None else [],
             "votes": votes,
             "distrusted": sorted(self.verification.distrusted) if self.verification is not None else [],
@@ -615,10 +469,11 @@ class Node:
         }
 
     def _write_status(self, status: str) -> None:
-        _write_json(self.work_dir / "node.json", {
+        self.files.write_status({
             "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
             "metrics_port": self.metrics_port, "hostname": socket.gethostname(), "pid_namespace": pid_namespace(),
             "work_dir": str(self.work_dir),
             "run_id": self.cfg.run_id, "manifest": self.manifest_hash, "parameters": self.trainer.numel, "start": self.start_mode.value if self.start_mode else None,
-            "start_detail": self.start_detail, "round": self.round, "initial_eval_loss": self.initial_eval_loss,
+            "start_detail": self.start_detail, "round": self.progress.round,
+            "initial_eval_loss": self.progress.initial_eval_loss,
         })

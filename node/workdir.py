@@ -1,4 +1,6 @@
-"""A node's work dir is its alone: an exclusive lock while the node runs, and `{slot}` work dirs.
+"""A node's work dir: its lock, `{slot}` claims, and the files a node keeps there.
+
+A work dir is its node's alone: an exclusive lock while the node runs, and `{slot}` work dirs.
 
 Two nodes writing checkpoints into one work dir would corrupt each other's state, so a node
 holds an exclusive flock on `<work_dir>/.lock` for its lifetime (the kernel drops it when the
@@ -14,9 +16,14 @@ not exclude a node on another machine, so give such nodes distinct work dirs.
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 MAX_SLOTS = 256
 LOCK_FILE = ".lock"
@@ -91,3 +98,44 @@ def pid_namespace() -> int | None:
 def existing_work_dirs(template: str) -> list[Path]:
     """The dirs a template names that exist now (every slot dir for a `{slot}` template)."""
     return [d for d in candidates(template) if d.is_dir()]
+
+
+STATUS_FILE = "node.json"  # where this node is and how it is doing: read by the launcher, health, peers files
+SUMMARY_FILE = "summary.json"  # written once, when the node has left
+HISTORY_FILE = "history.jsonl"  # one line per round, read by `gossiptrain report`
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic small-file write: readers (the swarm launcher, health checks, tests) never see half a file."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    os.replace(temporary, path)
+
+
+class WorkDirFiles:
+    """The files a running node keeps in its (locked) work dir, besides its checkpoints."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.status_path = directory / STATUS_FILE
+        self.history_path = directory / HISTORY_FILE
+        self.checkpoint_dir = directory / CHECKPOINT_DIR
+
+    def clear_status(self) -> None:
+        """A node.json left by an earlier run (kill -9, a reused volume) must not tell others where we are."""
+        self.status_path.unlink(missing_ok=True)
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_json_atomic(self.status_path, status)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.directory / SUMMARY_FILE, summary)
+
+    def append_history(self, record: dict[str, Any]) -> None:
+        """One line per round; a failed write (disk full) is logged and never stops training."""
+        try:
+            with open(self.history_path, "a") as file:
+                file.write(json.dumps(record, default=str) + "\n")
+        except OSError as error:
+            logger.warning("could not append to %s: %s", self.history_path, error)

@@ -54,7 +54,8 @@ def setup_logging(level: str) -> None:
 
 
 async def run_node(cfg: NodeConfig) -> int:
-    from node.daemon import JoinError, Node, StartupError
+    from node.daemon import Node, StartupError
+    from node.join.procedure import JoinError
     from node.net.membership import ManifestMismatch
 
     # a stop signal while starting (waiting for a peers file, p2pd, the DHT, building the model) cancels

@@ -13,11 +13,15 @@ does not describe what it sent.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 FAULT_ENV = "GOSSIPTRAIN_TEST_FAULT"
 FAULT_ACK_ENV = "GOSSIPTRAIN_TEST_FAULT_ACK"
@@ -81,3 +85,13 @@ def fault_from_env(environ: Mapping[str, str]) -> Fault | None:
     if environ.get(FAULT_ACK_ENV) != FAULT_ACK:
         raise FaultConfigError(f"{FAULT_ENV} is set but {FAULT_ACK_ENV} is not {FAULT_ACK!r}: refusing to cheat")
     return parse_fault(text)
+
+
+def cheat(trainer: Any, fault: Fault, generator: torch.Generator, verification: Any, round_: int) -> None:
+    """θ ← φ + attack(θ − φ) on the trainer thread; with `+hide` the commitment keeps the honest Δ."""
+    phi = trainer.slow_weights
+    delta = trainer.fast_weights() - phi
+    trainer.load_fast_weights(phi + fault.apply(delta, generator))
+    if fault.hide and verification is not None:
+        verification.committed_update = delta
+    logger.warning("TEST FAULT INJECTION: round %d sends a %s update", round_, fault)
