@@ -36,7 +36,7 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("run", help="run one node", description=__doc__)
     parser.add_argument("--config", default=os.environ.get("GOSSIPTRAIN_CONFIG"), help="TOML config file")
     add_config_flags(parser)
-    parser.set_defaults(handler=main)
+    parser.set_defaults(handler=main, stop_while_starting=True)  # see node/cli/main.py
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -101,13 +101,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"gossiptrain: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(cfg.log_level)
-    # until run_node installs its handlers (imports take a second or two), a stop signal exits cleanly at once:
-    # nothing has been started that would need stopping
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _exit_before_start)
+    # until run_node installs its handlers, node.cli.main's handler exits cleanly at once: nothing has
+    # been started that would need stopping
     return uvloop.run(run_node(cfg))
-
-
-def _exit_before_start(signum: int, frame: object) -> None:
-    print("gossiptrain: stopped while starting", file=sys.stderr, flush=True)
-    sys.exit(0)
