@@ -9,10 +9,12 @@ this module (and the CLI's error paths) work without it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -350,16 +352,29 @@ def render(histories: dict[str, Sequence[dict[str, Any]]], out: str | Path, widt
     if out.suffix.lower() != ".png":
         raise ReportError(f"the output must be a .png file, not {out.name!r}")
     matplotlib, Figure, FigureCanvasAgg = _matplotlib()
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import EngFormatter, MaxNLocator
-
-    t0 = min(r["time"] for records in histories.values() for r in records)
-
-    def minutes(t: float) -> float:
-        return (t - t0) / 60.0
-
     scale = min(max(min(width_px / 1600, height_px / 1000), 0.55), 2.5)  # fonts and lines follow the image size
-    style = {
+    with matplotlib.rc_context(_style(scale)):
+        fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        canvas = _Canvas(fig=fig, axes=fig.subplots(2, 3, sharex=True), scale=scale,
+                         colors=node_colors(list(histories)),
+                         t0=min(r["time"] for records in histories.values() for r in records))
+        drawn = _plot_nodes(canvas, histories)
+        unit = _plot_network(canvas, drawn.rate_series)
+        _label_loss(canvas)
+        _label_distance(canvas, drawn.any_distance)
+        _label_exchanges(canvas)
+        _label_throughput(canvas, drawn.any_tokens)
+        _label_network(canvas, unit, drawn.any_rate)
+        _label_round(canvas, drawn.any_restart)
+        _label_figure(canvas, histories, title)
+        _save(fig, out)
+    return out
+
+
+def _style(scale: float) -> dict[str, Any]:
+    """matplotlib rc settings for an image `scale` times the 1600x1000 default."""
+    return {
         "font.size": 11 * scale, "axes.titlesize": 12.5 * scale, "axes.titleweight": "bold",
         "axes.labelsize": 11 * scale, "xtick.labelsize": 10 * scale, "ytick.labelsize": 10 * scale,
         "legend.fontsize": 9.5 * scale, "legend.title_fontsize": 10 * scale, "figure.titlesize": 15 * scale,
@@ -370,111 +385,212 @@ def render(histories: dict[str, Sequence[dict[str, Any]]], out: str | Path, widt
         "savefig.facecolor": "white", "legend.frameon": True, "legend.framealpha": 0.85,
         "legend.edgecolor": "#cccccc",
     }
-    colors = node_colors(list(histories))
-    with matplotlib.rc_context(style):
-        fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(2, 3, sharex=True)
-        ax_loss, ax_dist, ax_ex, ax_tok, ax_net, ax_round = axes.flat
-        any_restart = any_distance = any_rate = any_tokens = False
-        rate_series: dict[str, list[tuple[float, float]]] = {}
-        for label, records in histories.items():
-            color = colors[label]
-            parts = segments(records)
-            xs = [minutes(r["time"]) for r in records]
 
-            def line(ax, field: str, parts=parts, color=color, **kwargs) -> None:
-                """One line per process lifetime (none across a restart); a None value is skipped."""
-                for part in parts:
-                    points = [(minutes(r["time"]), r[field]) for r in part if r[field] is not None]
-                    if points:
-                        ax.plot(*zip(*points), color=color, marker="o" if len(points) == 1 else None, **kwargs)
 
-            line(ax_loss, "train_loss", linewidth=0.9 * scale, alpha=0.45)
-            line(ax_loss, "eval_loss")
-            has_partner = any(r["partner"] for r in records)
-            for part in parts:
-                paired = [(minutes(r["time"]), r["partner_distance"]) for r in part
-                          if r["partner_distance"] is not None and (r["partner"] or not has_partner)]
-                if paired:
-                    any_distance = True
-                    ax_dist.plot(*zip(*paired), color=color, linewidth=0.8 * scale, alpha=0.35)
-                    ax_dist.plot(*zip(*paired), color=color, linestyle="none", marker="o",
-                                 markersize=4.5 * scale, markeredgecolor="white", markeredgewidth=0.5 * scale)
-            ok = _monotone(parts, lambda r: r["exchanges"].get("ok", 0))
-            failed = _monotone(parts, failed_count)
-            ax_ex.plot(xs, ok, color=color, drawstyle="steps-post")
-            ax_ex.plot(xs, failed, color=color, drawstyle="steps-post", linestyle=(0, (4, 2)),
-                       linewidth=1.4 * scale)
-            any_tokens |= any(r["tokens_per_second"] is not None for r in records)
-            line(ax_tok, "tokens_per_second")
-            rate_series[label] = [(network_rates([part]), network_rates([part], RATE_WINDOW)) for part in parts]
-            any_rate |= any(raw for raw, _ in rate_series[label])
-            line(ax_round, "round", drawstyle="steps-post")
-            for part in parts[1:]:  # restarts, on every panel
-                any_restart = True
-                for ax in axes.flat:
-                    ax.axvline(minutes(part[0]["time"]), color=color, linestyle=":", linewidth=1.1 * scale,
-                               alpha=0.8)
-        peak = max((rate for lives in rate_series.values() for _, smooth in lives for _, rate in smooth), default=0.0)
-        unit_scale, unit = _byte_unit(peak)
-        raw_alpha = 0.3 if len(histories) <= 4 else 0.15  # the per-round lines are a backdrop to the averages
-        for label, lives in rate_series.items():
-            for raw, smooth in lives:
-                for series, kwargs in ((raw, {"linewidth": 0.8 * scale, "alpha": raw_alpha}), (smooth, {})):
-                    if series:
-                        ax_net.plot([minutes(t) for t, _ in series], [rate / unit_scale for _, rate in series],
-                                    color=colors[label], marker="o" if len(series) == 1 else None, **kwargs)
+@dataclass
+class _Canvas:
+    """The figure being drawn and what every panel needs: its 2x3 axes (loss, distance, exchanges / throughput,
+    network, round), the time origin (the earliest record), the size scale and one colour per node."""
 
-        def empty(ax, text: str) -> None:
-            ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#888888",
-                    fontsize=11 * scale, style="italic")
+    fig: Any
+    axes: Any
+    t0: float
+    scale: float
+    colors: dict[str, Any]
 
-        ax_loss.set(title="Loss", ylabel="loss (nats/byte)")
-        ax_loss.legend(handles=[Line2D([], [], color="#333333", label="held-out"),
-                                Line2D([], [], color="#333333", linewidth=0.9 * scale, alpha=0.45, label="train")],
-                       loc="upper right")
-        ax_dist.set(title="Distance to partner at exchange", ylabel="L2 distance")
-        if not any_distance:
-            empty(ax_dist, "no paired rounds yet")
-        ax_ex.set(title="Exchanges (cumulative)", ylabel="exchanges")
-        ax_ex.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_ex.set_ylim(bottom=0)
-        ax_ex.legend(handles=[Line2D([], [], color="#333333", label="ok"),
-                              Line2D([], [], color="#333333", linestyle=(0, (4, 2)), linewidth=1.4 * scale,
-                                     label="failed")], loc="upper left")
-        ax_tok.set(title="Training throughput", ylabel="tokens/s")
-        ax_tok.yaxis.set_major_formatter(EngFormatter(sep=""))
-        ax_tok.set_ylim(bottom=0)
-        if not any_tokens:
-            empty(ax_tok, "no throughput recorded yet")
-        ax_net.set(title="Network traffic (sent + received)", ylabel=unit)
-        ax_net.set_ylim(bottom=0)
-        ax_net.legend(handles=[Line2D([], [], color="#333333", label=f"{RATE_WINDOW}-round average"),
-                               Line2D([], [], color="#333333", linewidth=0.8 * scale, alpha=0.3,
-                                      label="per round")], loc="upper right")
-        if not any_rate:
-            empty(ax_net, "needs two records of a node")
-        ax_round.set(title="Outer round", ylabel="round")
-        ax_round.yaxis.set_major_locator(MaxNLocator(integer=True))
-        if any_restart:
-            ax_round.legend(handles=[Line2D([], [], color="#555555", linestyle=":", linewidth=1.1 * scale,
-                                            label="restart")], loc="upper left")
-        for ax in axes[1]:
-            ax.set_xlabel("minutes since the first record")
-        for ax in axes.flat:
-            ax.tick_params(labelbottom=True)
-            ax.margins(x=0.02)
-        fig.legend(handles=[Line2D([], [], color=colors[label], linewidth=3 * scale, label=label)
-                            for label in histories],
-                   loc="outside lower center", ncol=min(len(histories), 12), title="node", frameon=False)
-        fig.suptitle(f"{title or 'gossiptrain run'}\n{run_summary(histories)}", linespacing=1.5)
-        temporary = out.with_name(f".{out.name}.tmp")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(temporary, format="png", dpi=DPI)
-            temporary.replace(out)
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise ReportError(f"cannot write {out}: {error.strerror or error}") from error
-    return out
+    @property
+    def panels(self) -> tuple[Any, ...]:
+        return tuple(self.axes.flat)
+
+    def minutes(self, t: float) -> float:
+        return (t - self.t0) / 60.0
+
+    def line(self, ax, parts: list[list[dict[str, Any]]], field: str, color, **kwargs) -> None:
+        """One line per process lifetime (none across a restart); a None value is skipped."""
+        for part in parts:
+            points = [(self.minutes(r["time"]), r[field]) for r in part if r[field] is not None]
+            if points:
+                ax.plot(*zip(*points), color=color, marker="o" if len(points) == 1 else None, **kwargs)
+
+    def empty(self, ax, text: str) -> None:
+        """A grey note in the middle of a panel that has nothing to show yet."""
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#888888",
+                fontsize=11 * self.scale, style="italic")
+
+
+@dataclass
+class _Drawn:
+    """What the per-node pass found: which panels got data, and each node's network rates per process lifetime
+    ((per interval, RATE_WINDOW average) pairs), drawn once their common unit is known."""
+
+    any_restart: bool = False
+    any_distance: bool = False
+    any_rate: bool = False
+    any_tokens: bool = False
+    rate_series: dict[str, list[tuple[list[tuple[float, float]], list[tuple[float, float]]]]] = dataclasses.field(
+        default_factory=dict)
+
+
+def _plot_nodes(canvas: _Canvas, histories: dict[str, Sequence[dict[str, Any]]]) -> _Drawn:
+    """Each node's lines on every panel but the network one, node after node (the drawing order)."""
+    ax_loss, ax_dist, ax_ex, ax_tok, _ax_net, ax_round = canvas.panels
+    drawn = _Drawn()
+    for label, records in histories.items():
+        color = canvas.colors[label]
+        parts = segments(records)
+        _plot_loss(canvas, ax_loss, parts, color)
+        drawn.any_distance |= _plot_distance(canvas, ax_dist, records, parts, color)
+        _plot_exchanges(canvas, ax_ex, records, parts, color)
+        drawn.any_tokens |= any(r["tokens_per_second"] is not None for r in records)
+        canvas.line(ax_tok, parts, "tokens_per_second", color)
+        drawn.rate_series[label] = [(network_rates([part]), network_rates([part], RATE_WINDOW)) for part in parts]
+        drawn.any_rate |= any(raw for raw, _ in drawn.rate_series[label])
+        canvas.line(ax_round, parts, "round", color, drawstyle="steps-post")
+        drawn.any_restart |= _plot_restarts(canvas, parts, color)
+    return drawn
+
+
+def _plot_loss(canvas: _Canvas, ax, parts: list[list[dict[str, Any]]], color) -> None:
+    canvas.line(ax, parts, "train_loss", color, linewidth=0.9 * canvas.scale, alpha=0.45)
+    canvas.line(ax, parts, "eval_loss", color)
+
+
+def _plot_distance(canvas: _Canvas, ax, records: Sequence[dict[str, Any]], parts: list[list[dict[str, Any]]],
+                   color) -> bool:
+    """Distance at paired rounds (at every round with a distance if the node never names a partner): a faint line
+    and dots. True if anything was drawn."""
+    scale = canvas.scale
+    has_partner = any(r["partner"] for r in records)
+    any_distance = False
+    for part in parts:
+        paired = [(canvas.minutes(r["time"]), r["partner_distance"]) for r in part
+                  if r["partner_distance"] is not None and (r["partner"] or not has_partner)]
+        if paired:
+            any_distance = True
+            ax.plot(*zip(*paired), color=color, linewidth=0.8 * scale, alpha=0.35)
+            ax.plot(*zip(*paired), color=color, linestyle="none", marker="o",
+                    markersize=4.5 * scale, markeredgecolor="white", markeredgewidth=0.5 * scale)
+    return any_distance
+
+
+def _plot_exchanges(canvas: _Canvas, ax, records: Sequence[dict[str, Any]], parts: list[list[dict[str, Any]]],
+                    color) -> None:
+    """Cumulative ok (solid) and failed (dashed) exchanges, carried across restarts."""
+    xs = [canvas.minutes(r["time"]) for r in records]
+    ok = _monotone(parts, lambda r: r["exchanges"].get("ok", 0))
+    failed = _monotone(parts, failed_count)
+    ax.plot(xs, ok, color=color, drawstyle="steps-post")
+    ax.plot(xs, failed, color=color, drawstyle="steps-post", linestyle=(0, (4, 2)), linewidth=1.4 * canvas.scale)
+
+
+def _plot_restarts(canvas: _Canvas, parts: list[list[dict[str, Any]]], color) -> bool:
+    """A dotted vertical on every panel where a process of this node started again; True if there was one."""
+    for part in parts[1:]:
+        for ax in canvas.panels:
+            ax.axvline(canvas.minutes(part[0]["time"]), color=color, linestyle=":", linewidth=1.1 * canvas.scale,
+                       alpha=0.8)
+    return len(parts) > 1
+
+
+def _plot_network(canvas: _Canvas, rate_series: dict[str, list[tuple[list, list]]]) -> str:
+    """Every node's bytes/s (thin per interval, bold RATE_WINDOW average) in one unit fitting the peak; the unit."""
+    ax = canvas.panels[4]
+    peak = max((rate for lives in rate_series.values() for _, smooth in lives for _, rate in smooth), default=0.0)
+    unit_scale, unit = _byte_unit(peak)
+    raw_alpha = 0.3 if len(rate_series) <= 4 else 0.15  # the per-round lines are a backdrop to the averages
+    for label, lives in rate_series.items():
+        for raw, smooth in lives:
+            for series, kwargs in ((raw, {"linewidth": 0.8 * canvas.scale, "alpha": raw_alpha}), (smooth, {})):
+                if series:
+                    ax.plot([canvas.minutes(t) for t, _ in series], [rate / unit_scale for _, rate in series],
+                            color=canvas.colors[label], marker="o" if len(series) == 1 else None, **kwargs)
+    return unit
+
+
+def _key(**kwargs):
+    """A legend entry that is not a plotted line (grey unless coloured)."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], **{"color": "#333333", **kwargs})
+
+
+def _label_loss(canvas: _Canvas) -> None:
+    ax = canvas.panels[0]
+    ax.set(title="Loss", ylabel="loss (nats/byte)")
+    ax.legend(handles=[_key(label="held-out"), _key(linewidth=0.9 * canvas.scale, alpha=0.45, label="train")],
+              loc="upper right")
+
+
+def _label_distance(canvas: _Canvas, any_distance: bool) -> None:
+    ax = canvas.panels[1]
+    ax.set(title="Distance to partner at exchange", ylabel="L2 distance")
+    if not any_distance:
+        canvas.empty(ax, "no paired rounds yet")
+
+
+def _label_exchanges(canvas: _Canvas) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax = canvas.panels[2]
+    ax.set(title="Exchanges (cumulative)", ylabel="exchanges")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.legend(handles=[_key(label="ok"), _key(linestyle=(0, (4, 2)), linewidth=1.4 * canvas.scale, label="failed")],
+              loc="upper left")
+
+
+def _label_throughput(canvas: _Canvas, any_tokens: bool) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    ax = canvas.panels[3]
+    ax.set(title="Training throughput", ylabel="tokens/s")
+    ax.yaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_ylim(bottom=0)
+    if not any_tokens:
+        canvas.empty(ax, "no throughput recorded yet")
+
+
+def _label_network(canvas: _Canvas, unit: str, any_rate: bool) -> None:
+    ax = canvas.panels[4]
+    ax.set(title="Network traffic (sent + received)", ylabel=unit)
+    ax.set_ylim(bottom=0)
+    ax.legend(handles=[_key(label=f"{RATE_WINDOW}-round average"),
+                       _key(linewidth=0.8 * canvas.scale, alpha=0.3, label="per round")], loc="upper right")
+    if not any_rate:
+        canvas.empty(ax, "needs two records of a node")
+
+
+def _label_round(canvas: _Canvas, any_restart: bool) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax = canvas.panels[5]
+    ax.set(title="Outer round", ylabel="round")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if any_restart:
+        ax.legend(handles=[_key(color="#555555", linestyle=":", linewidth=1.1 * canvas.scale, label="restart")],
+                  loc="upper left")
+
+
+def _label_figure(canvas: _Canvas, histories: dict[str, Sequence[dict[str, Any]]], title: str | None) -> None:
+    """x labels and ticks on every panel, the node legend below the grid, the title and run summary above it."""
+    for ax in canvas.axes[1]:
+        ax.set_xlabel("minutes since the first record")
+    for ax in canvas.panels:
+        ax.tick_params(labelbottom=True)
+        ax.margins(x=0.02)
+    canvas.fig.legend(handles=[_key(color=canvas.colors[label], linewidth=3 * canvas.scale, label=label)
+                               for label in histories],
+                      loc="outside lower center", ncol=min(len(histories), 12), title="node", frameon=False)
+    canvas.fig.suptitle(f"{title or 'gossiptrain run'}\n{run_summary(histories)}", linespacing=1.5)
+
+
+def _save(fig, out: Path) -> None:
+    """Write the PNG atomically (a temporary file beside it, then a rename); ReportError if it cannot be written."""
+    temporary = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(temporary, format="png", dpi=DPI)
+        temporary.replace(out)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {out}: {error.strerror or error}") from error
