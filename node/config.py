@@ -18,6 +18,10 @@ from typing import Any, Mapping
 ENV_PREFIX = "GOSSIPTRAIN_"
 
 
+# Sizes that must be at least 1 (checked by NodeConfig.validate).
+_POSITIVE = ("context", "d_model", "n_layers", "n_heads", "batch_size")
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or out of range."""
 
@@ -103,8 +107,8 @@ class NodeConfig:
             (self.rounds >= 0, "rounds must be >= 0 (0 runs until stopped)"),
             (self.min_peers >= 0 and self.min_peers_timeout >= 0, "min_peers and min_peers_timeout must be >= 0"),
             (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
-            (min(self.context, self.d_model, self.n_layers, self.n_heads, self.batch_size) >= 1,
-             "context, d_model, n_layers, n_heads and batch_size must be >= 1"),
+            (min(self._values(*_POSITIVE).values()) >= 1,
+             f"{', '.join(_POSITIVE[:-1])} and {_POSITIVE[-1]} must be >= 1"),
             (self.context <= 8192, "context must be <= 8192 bytes (the data block is 16 KiB)"),
             (self.num_shards >= 1 and -1 <= self.shard < self.num_shards,
              "shard must be -1 (auto) or in [0, num_shards)"),
@@ -140,18 +144,21 @@ class NodeConfig:
         return {
             "protocol_version": protocol_version,
             "run_id": self.run_id,
-            "model": {"arch": "byte-gpt", "vocab": 256, "context": self.context, "d_model": self.d_model,
-                      "n_layers": self.n_layers, "n_heads": self.n_heads, "seed": self.seed},
+            "model": {"arch": "byte-gpt", "vocab": 256,
+                      **self._values("context", "d_model", "n_layers", "n_heads", "seed")},
             "data": data_fingerprint,
-            "inner": {"optimizer": "adamw", "lr": self.lr, "weight_decay": self.weight_decay,
-                      "grad_clip": self.grad_clip, "warmup_steps": self.warmup_steps,
-                      "lr_schedule_steps": self.lr_schedule_steps, "batch_size": self.batch_size},
-            "outer": {"sync": self.sync, "inner_steps": self.inner_steps,
-                      "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma},
-            "wire": {"chunk_bytes": self.chunk_bytes},
-            "verify": {"on": self.verify, "rate": self.verify_rate, "max_hamming": self.verify_max_hamming,
-                       "max_rel_l2": self.verify_max_rel_l2, "max_norm_ratio": self.verify_max_norm_ratio},
+            "inner": {"optimizer": "adamw",
+                      **self._values("lr", "weight_decay", "grad_clip", "warmup_steps", "lr_schedule_steps",
+                                     "batch_size")},
+            "outer": self._values("sync", "inner_steps", "alpha", "beta", "gamma"),
+            "wire": self._values("chunk_bytes"),
+            "verify": {"on": self.verify,
+                       **self._values("rate", "max_hamming", "max_rel_l2", "max_norm_ratio", prefix="verify_")},
         }
+
+    def _values(self, *names: str, prefix: str = "") -> dict[str, Any]:
+        """{name: value of the field prefix + name} for the given names (manifest sections, validate)."""
+        return {name: getattr(self, prefix + name) for name in names}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(NodeConfig)}

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from protocol.messages import MAX_UINT
+from protocol.fields import MAX_UINT
 
 __all__ = ["manifest_hash", "canonical_manifest_bytes"]
 

@@ -9,9 +9,12 @@ extra keys are ignored so that a later version can add optional fields.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import re
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, TypeVar, Union
 
 import msgpack
 
@@ -22,6 +25,20 @@ from protocol.errors import (
     UnknownMessageType,
     UnsupportedVersion,
 )
+from protocol.fields import (
+    MAX_DIMS,
+    MAX_STR_CHARS,
+    MAX_TENSORS,
+    MAX_U63,
+    MAX_UINT,
+    U63,
+    Bool,
+    Bytes,
+    Names,
+    Shape,
+    Str,
+    UInt,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -29,33 +46,17 @@ __all__ = [
     "MAX_DIMS",
     "MAX_TENSORS",
     "MAX_UINT",
+    "MAX_U63",
     "REJECT_REASONS",
     "MessageType",
-    "ErrorMessage",
-    "ExchangeRequest",
-    "ExchangeAccept",
-    "ExchangeReject",
-    "TensorHeader",
-    "TensorChunk",
-    "TensorEnd",
-    "ExchangeAck",
-    "StateRequest",
-    "StateOffer",
-    "AuditRequest",
-    "AuditOffer",
     "Message",
     "MESSAGE_CLASSES",
     "encode_message",
     "decode_message",
+    # ...and every message class, appended below from the registry.
 ]
 
 PROTOCOL_VERSION = 1
-
-MAX_STR_CHARS = 256
-MAX_DIMS = 8
-MAX_TENSORS = 64
-# msgpack cannot carry integers beyond uint64.
-MAX_UINT = 2**64 - 1
 
 REJECT_REASONS: tuple[str, ...] = (
     "busy",
@@ -77,30 +78,50 @@ _MAX_UNPACK_MAP = 64
 _MAX_UNPACK_EXT = 64 * 1024
 
 
-class MessageType(enum.IntEnum):
-    """Value of the ``"t"`` key identifying each message."""
+# --- the message registry ----------------------------------------------------
+# Each message class is declared once, with ``@_message(t)`` giving its wire type
+# id; ``MessageType``, ``MESSAGE_CLASSES``, ``Message``, each class's ``TYPE`` and
+# the codec's field table are all derived from these declarations. A field's
+# annotation (``Str``, ``U63``, ...; see protocol/fields.py) names its wire type
+# and thereby the checker it is validated with.
 
-    ERROR = 0
-    EXCHANGE_REQUEST = 1
-    EXCHANGE_ACCEPT = 2
-    EXCHANGE_REJECT = 3
-    TENSOR_HEADER = 4
-    TENSOR_CHUNK = 5
-    TENSOR_END = 6
-    EXCHANGE_ACK = 7
-    STATE_REQUEST = 8
-    STATE_OFFER = 9
-    AUDIT_REQUEST = 10
-    AUDIT_OFFER = 11
+_Checker = Callable[[str, Any], Any]
+_REGISTRY: dict[int, type] = {}
+_FIELDS: dict[type, tuple[tuple[str, _Checker], ...]] = {}
+_C = TypeVar("_C", bound=type)
 
 
-@dataclass(frozen=True, slots=True)
+def _message(type_id: int) -> Callable[[_C], _C]:
+    """Make the decorated class a frozen message dataclass with wire type id ``type_id``."""
+
+    def register(cls: _C) -> _C:
+        if type_id in _REGISTRY:
+            raise ValueError(f"message type {type_id} is taken by {_REGISTRY[type_id].__name__}")
+        cls = dataclass(frozen=True, slots=True)(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        checkers = []
+        for f in dataclasses.fields(cls):
+            if typing.get_origin(hints[f.name]) is not typing.Annotated:
+                raise TypeError(f"{cls.__name__}.{f.name} must be declared with a wire field type")
+            checkers.append((f.name, hints[f.name].__metadata__[0]))
+        _FIELDS[cls] = tuple(checkers)
+        _REGISTRY[type_id] = cls
+        return cls
+
+    return register
+
+
+def _constant_name(cls: type) -> str:
+    """``ExchangeRequest`` -> ``EXCHANGE_REQUEST``; ``ErrorMessage`` -> ``ERROR``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__.removesuffix("Message")).upper()
+
+
+@_message(0)
 class ErrorMessage:
     """Sent before closing a stream on a protocol error; ``kind`` is ``ProtocolError.kind``."""
 
-    TYPE: ClassVar[MessageType] = MessageType.ERROR
-    kind: str
-    message: str
+    kind: Str
+    message: Str
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorMessage:
@@ -111,87 +132,79 @@ class ErrorMessage:
         return cls(kind=kind[:MAX_STR_CHARS], message=str(exc)[:MAX_STR_CHARS])
 
 
-@dataclass(frozen=True, slots=True)
+@_message(1)
 class ExchangeRequest:
     """Opens a pair exchange: who asks, for which run/round, and which tensors will travel."""
 
-    TYPE: ClassVar[MessageType] = MessageType.EXCHANGE_REQUEST
-    run_id: str
-    manifest_hash: str
-    round: int
-    sender: str
-    tensors: tuple[str, ...]
-    numel: int
-    dtype: str
+    run_id: Str
+    manifest_hash: Str
+    round: U63
+    sender: Str
+    tensors: Names
+    numel: UInt
+    dtype: Str
 
 
-@dataclass(frozen=True, slots=True)
+@_message(2)
 class ExchangeAccept:
     """Responder agrees to exchange for ``round``; both sides then stream their tensors."""
 
-    TYPE: ClassVar[MessageType] = MessageType.EXCHANGE_ACCEPT
-    round: int
+    round: U63
 
 
-@dataclass(frozen=True, slots=True)
+@_message(3)
 class ExchangeReject:
     """Responder (or state donor) declines; ``reason`` is one of ``REJECT_REASONS``."""
 
-    TYPE: ClassVar[MessageType] = MessageType.EXCHANGE_REJECT
-    reason: str
-    round: int
+    reason: Str
+    round: U63
 
 
-@dataclass(frozen=True, slots=True)
+@_message(4)
 class TensorHeader:
     """Announces one tensor transfer: what it is and how it is chunked."""
 
-    TYPE: ClassVar[MessageType] = MessageType.TENSOR_HEADER
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    chunk_bytes: int
-    num_chunks: int
+    name: Str
+    dtype: Str
+    shape: Shape
+    chunk_bytes: UInt
+    num_chunks: UInt
 
 
-@dataclass(frozen=True, slots=True)
+@_message(5)
 class TensorChunk:
     """One slice of a tensor's raw little-endian bytes; ``index`` counts from 0."""
 
-    TYPE: ClassVar[MessageType] = MessageType.TENSOR_CHUNK
-    index: int
-    data: bytes
+    index: UInt
+    data: Bytes
 
 
-@dataclass(frozen=True, slots=True)
+@_message(6)
 class TensorEnd:
     """Closes a tensor transfer with the checksum of all its bytes."""
 
-    TYPE: ClassVar[MessageType] = MessageType.TENSOR_END
-    name: str
-    checksum: bytes
+    name: Str
+    checksum: Bytes
 
 
-@dataclass(frozen=True, slots=True)
+@_message(7)
 class ExchangeAck:
     """Each side's verdict on what it received; the average is applied only if both are ok."""
 
-    TYPE: ClassVar[MessageType] = MessageType.EXCHANGE_ACK
-    ok: bool
-    reason: str
+    ok: Bool
+    reason: Str
 
 
-@dataclass(frozen=True, slots=True)
+@_message(8)
 class StateRequest:
     """A joiner asks a donor for its current state (slow weights and outer momentum)."""
 
-    TYPE: ClassVar[MessageType] = MessageType.STATE_REQUEST
-    run_id: str
-    manifest_hash: str
-    sender: str
+    run_id: Str
+    manifest_hash: Str
+    sender: Str
 
 
-@dataclass(frozen=True, slots=True)
+@_message(9)
 class StateOffer:
     """The donor's answer: what state follows, then one tensor transfer per name of ``tensors``, in order.
 
@@ -200,27 +213,25 @@ class StateOffer:
     elements of ``dtype``.
     """
 
-    TYPE: ClassVar[MessageType] = MessageType.STATE_OFFER
-    round: int
-    global_step: int
-    manifest_hash: str
-    tensors: tuple[str, ...]
-    numel: int
-    dtype: str
+    round: U63
+    global_step: UInt
+    manifest_hash: Str
+    tensors: Names
+    numel: UInt
+    dtype: Str
 
 
-@dataclass(frozen=True, slots=True)
+@_message(10)
 class AuditRequest:
     """A verifier asks a peer for the state it started ``round`` from (to replay that round)."""
 
-    TYPE: ClassVar[MessageType] = MessageType.AUDIT_REQUEST
-    run_id: str
-    manifest_hash: str
-    sender: str
-    round: int
+    run_id: Str
+    manifest_hash: Str
+    sender: Str
+    round: U63
 
 
-@dataclass(frozen=True, slots=True)
+@_message(11)
 class AuditOffer:
     """The audited peer's answer: one tensor transfer per name of ``tensors`` follows, in order.
 
@@ -228,157 +239,23 @@ class AuditOffer:
     the verifier recomputes it from what arrives.
     """
 
-    TYPE: ClassVar[MessageType] = MessageType.AUDIT_OFFER
-    round: int
-    start_digest: str
-    tensors: tuple[str, ...]
-    numel: int
-    dtype: str
+    round: U63
+    start_digest: Str
+    tensors: Names
+    numel: UInt
+    dtype: Str
 
 
-Message = Union[
-    ErrorMessage,
-    ExchangeRequest,
-    ExchangeAccept,
-    ExchangeReject,
-    TensorHeader,
-    TensorChunk,
-    TensorEnd,
-    ExchangeAck,
-    StateRequest,
-    StateOffer,
-    AuditRequest,
-    AuditOffer,
-]
-
-MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        ErrorMessage,
-        ExchangeRequest,
-        ExchangeAccept,
-        ExchangeReject,
-        TensorHeader,
-        TensorChunk,
-        TensorEnd,
-        ExchangeAck,
-        StateRequest,
-        StateOffer,
-        AuditRequest,
-        AuditOffer,
-    )
-}
-
-_TYPE_VALUES = frozenset(int(t) for t in MessageType)
-
-
-# --- field validation -------------------------------------------------------
-# Each checker returns the normalised value or raises InvalidField. The same
-# checkers run on encode and decode so we never send what a peer would refuse.
-
-
-def _check_str(field: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise InvalidField(f"field '{field}' must be a string, got {type(value).__name__}")
-    if len(value) > MAX_STR_CHARS:
-        raise InvalidField(
-            f"field '{field}' is {len(value)} characters long, the limit is {MAX_STR_CHARS}"
-        )
-    return value
-
-
-def _check_uint(field: str, value: Any) -> int:
-    # bool is a subclass of int in Python; on the wire it is a distinct type.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidField(f"field '{field}' must be an integer, got {type(value).__name__}")
-    if value < 0 or value > MAX_UINT:
-        raise InvalidField(f"field '{field}' must be a non-negative integer, got {value}")
-    return value
-
-
-def _check_bool(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidField(f"field '{field}' must be a boolean, got {type(value).__name__}")
-    return value
-
-
-def _check_bytes(field: str, value: Any) -> bytes:
-    # Encoding accepts any contiguous byte buffer; decoding always yields bytes.
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise InvalidField(f"field '{field}' must be binary, got {type(value).__name__}")
-    return value  # type: ignore[return-value]
-
-
-def _check_seq(field: str, value: Any, limit: int) -> tuple[Any, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise InvalidField(f"field '{field}' must be an array, got {type(value).__name__}")
-    if len(value) > limit:
-        raise InvalidField(f"field '{field}' has {len(value)} entries, the limit is {limit}")
-    return tuple(value)
-
-
-def _check_names(field: str, value: Any) -> tuple[str, ...]:
-    items = _check_seq(field, value, MAX_TENSORS)
-    return tuple(_check_str(f"{field}[{i}]", item) for i, item in enumerate(items))
-
-
-def _check_shape(field: str, value: Any) -> tuple[int, ...]:
-    items = _check_seq(field, value, MAX_DIMS)
-    return tuple(_check_uint(f"{field}[{i}]", item) for i, item in enumerate(items))
-
-
-_Checker = Callable[[str, Any], Any]
-
-_FIELDS: dict[type[Message], tuple[tuple[str, _Checker], ...]] = {
-    ErrorMessage: (("kind", _check_str), ("message", _check_str)),
-    ExchangeRequest: (
-        ("run_id", _check_str),
-        ("manifest_hash", _check_str),
-        ("round", _check_uint),
-        ("sender", _check_str),
-        ("tensors", _check_names),
-        ("numel", _check_uint),
-        ("dtype", _check_str),
-    ),
-    ExchangeAccept: (("round", _check_uint),),
-    ExchangeReject: (("reason", _check_str), ("round", _check_uint)),
-    TensorHeader: (
-        ("name", _check_str),
-        ("dtype", _check_str),
-        ("shape", _check_shape),
-        ("chunk_bytes", _check_uint),
-        ("num_chunks", _check_uint),
-    ),
-    TensorChunk: (("index", _check_uint), ("data", _check_bytes)),
-    TensorEnd: (("name", _check_str), ("checksum", _check_bytes)),
-    ExchangeAck: (("ok", _check_bool), ("reason", _check_str)),
-    StateRequest: (
-        ("run_id", _check_str),
-        ("manifest_hash", _check_str),
-        ("sender", _check_str),
-    ),
-    StateOffer: (
-        ("round", _check_uint),
-        ("global_step", _check_uint),
-        ("manifest_hash", _check_str),
-        ("tensors", _check_names),
-        ("numel", _check_uint),
-        ("dtype", _check_str),
-    ),
-    AuditRequest: (
-        ("run_id", _check_str),
-        ("manifest_hash", _check_str),
-        ("sender", _check_str),
-        ("round", _check_uint),
-    ),
-    AuditOffer: (
-        ("round", _check_uint),
-        ("start_digest", _check_str),
-        ("tensors", _check_names),
-        ("numel", _check_uint),
-        ("dtype", _check_str),
-    ),
-}
+MessageType = enum.IntEnum(  # type: ignore[misc]
+    "MessageType", [(_constant_name(cls), t) for t, cls in sorted(_REGISTRY.items())], module=__name__
+)
+MessageType.__doc__ = "Value of the ``\"t\"`` key identifying each message."
+MESSAGE_CLASSES: dict[MessageType, type] = {MessageType(t): cls for t, cls in sorted(_REGISTRY.items())}
+for _type, _cls in MESSAGE_CLASSES.items():
+    _cls.TYPE = _type  # type: ignore[attr-defined]
+Message = Union[tuple(MESSAGE_CLASSES.values())]  # type: ignore[valid-type]
+__all__ += [cls.__name__ for cls in MESSAGE_CLASSES.values()]
+del _type, _cls
 
 
 def _validated_fields(cls: type[Message], get: Callable[[str], Any]) -> dict[str, Any]:
@@ -449,7 +326,7 @@ def decode_message(
             f"unsupported protocol version {shown}, this node speaks {PROTOCOL_VERSION}"
         )
     tag = obj.get("t", _MISSING)
-    if isinstance(tag, bool) or not isinstance(tag, int) or tag not in _TYPE_VALUES:
+    if isinstance(tag, bool) or not isinstance(tag, int) or tag not in MESSAGE_CLASSES:
         shown = "missing" if tag is _MISSING else repr(tag)[:64]
         raise UnknownMessageType(f"unknown message type {shown}")
     cls = MESSAGE_CLASSES[MessageType(tag)]

@@ -27,14 +27,8 @@ from protocol.errors import (
     TensorShapeMismatch,
     UnexpectedMessage,
 )
-from protocol.messages import (
-    MAX_DIMS,
-    MAX_STR_CHARS,
-    Message,
-    TensorChunk,
-    TensorEnd,
-    TensorHeader,
-)
+from protocol.fields import MAX_DIMS, MAX_STR_CHARS
+from protocol.messages import Message, TensorChunk, TensorEnd, TensorHeader
 
 __all__ = [
     "DTYPE_SIZES",

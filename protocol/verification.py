@@ -23,11 +23,13 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from typing import Any, ClassVar
 
 import msgpack
 
 from protocol.errors import InvalidField
+from protocol.fields import check_float, check_hex, check_str, check_u63
 
 VERIFY_DOMAIN = b"gossiptrain/verify/1"
 ACCEPT, REJECT = "accept", "reject"
@@ -126,29 +128,11 @@ def compare(committed: UpdateSignature, replayed: UpdateSignature, tolerances: T
 
 
 # ----------------------------------------------------------------------------- records
-def _str(field: str, value: Any, limit: int = 256) -> str:
-    if not isinstance(value, str) or len(value) > limit:
-        raise InvalidRecord(f"field '{field}' must be a string of at most {limit} characters")
-    return value
-
-
-def _uint(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise InvalidRecord(f"field '{field}' must be a non-negative integer")
-    return value
-
-
-def _float(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRecord(f"field '{field}' must be a finite number")
-    return float(value)
-
-
-def _hex(field: str, value: Any, chars: int = HEX_DIGEST_CHARS) -> str:
-    value = _str(field, value, chars)
-    if len(value) != chars or any(c not in "0123456789abcdef" for c in value):
-        raise InvalidRecord(f"field '{field}' must be {chars} lowercase hex characters")
-    return value
+# The shared field validators (protocol/fields.py), raising InvalidRecord. Integers are u63: < 2**63.
+_str = partial(check_str, error=InvalidRecord)
+_u63 = partial(check_u63, error=InvalidRecord)
+_float = partial(check_float, error=InvalidRecord)
+_hex = partial(check_hex, chars=HEX_DIGEST_CHARS, error=InvalidRecord)
 
 
 @dataclass(frozen=True)
@@ -183,11 +167,11 @@ class Commitment:
             raise InvalidRecord("field 'norm' must be >= 0")
         return cls(
             run_id=_str("run_id", body.get("run_id")), peer=_str("peer", body.get("peer")),
-            round=_uint("round", body.get("round")),
+            round=_u63("round", body.get("round")),
             start_digest=_hex("start_digest", body.get("start_digest")),
             theta_digest=_hex("theta_digest", body.get("theta_digest")),
-            data=_str("data", body.get("data"), 4096), global_step=_uint("global_step", body.get("global_step")),
-            inner_steps=_uint("inner_steps", body.get("inner_steps")),
+            data=_str("data", body.get("data"), 4096), global_step=_u63("global_step", body.get("global_step")),
+            inner_steps=_u63("inner_steps", body.get("inner_steps")),
             update=UpdateSignature(bits, tuple(_float("sketch", x) for x in sketch), norm),
         )
 
@@ -213,8 +197,8 @@ class Receipt:
         body = _map(body)
         return cls(
             run_id=_str("run_id", body.get("run_id")), sender=_str("sender", body.get("sender")),
-            receiver=_str("receiver", body.get("receiver")), round=_uint("round", body.get("round")),
-            theta_digest=_hex("theta_digest", body.get("theta_digest")), nonce=_hex("nonce", body.get("nonce"), 32),
+            receiver=_str("receiver", body.get("receiver")), round=_u63("round", body.get("round")),
+            theta_digest=_hex("theta_digest", body.get("theta_digest")), nonce=_hex("nonce", body.get("nonce"), chars=32),
         )
 
 
@@ -245,7 +229,7 @@ class Vote:
             raise InvalidRecord(f"field 'verdict' must be one of {VERDICTS}")
         return cls(
             run_id=_str("run_id", body.get("run_id")), peer=_str("peer", body.get("peer")),
-            round=_uint("round", body.get("round")), verifier=_str("verifier", body.get("verifier")),
+            round=_u63("round", body.get("round")), verifier=_str("verifier", body.get("verifier")),
             verdict=verdict, reason=_str("reason", body.get("reason")),
             hamming=_float("hamming", body.get("hamming")), rel_l2=_float("rel_l2", body.get("rel_l2")),
             norm_ratio=_float("norm_ratio", body.get("norm_ratio")),

@@ -103,7 +103,7 @@ def default_sizes() -> list[int]:
     from node.train.model import ModelConfig, build_model, count_parameters
 
     cfg = NodeConfig()
-    model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+    model_cfg = ModelConfig.from_node_config(cfg)
     return [count_parameters(build_model(model_cfg, cfg.seed)), LARGE_NUMEL]
 
 

@@ -19,10 +19,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from node.config import NodeConfig
 from node.workdir import candidates, is_locked
+
+if TYPE_CHECKING:
+    from node.ops.status import SwarmStatus
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 P2PD_TIMEOUT = 30.0
@@ -194,7 +197,7 @@ def model_parameters(cfg: NodeConfig) -> int:
     from node.train.model import ByteGPT, ModelConfig
 
     with torch.device("meta"):
-        model = ByteGPT(ModelConfig(cfg.context, cfg.d_model, cfg.n_layers, cfg.n_heads))
+        model = ByteGPT(ModelConfig.from_node_config(cfg))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -300,61 +303,101 @@ def check_disk(cfg: NodeConfig, parameters: int) -> Check:
 
 async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
     """Reach the initial peers as a DHT client: live peers, the swarm's manifest vs ours, clock skew."""
-    from protocol import PROTOCOL_VERSION, manifest_hash
+    from node.ops.status import SwarmUnreachable
+    from node.train.data import DataError
 
-    from node.train.data import DataError, load_corpus
-    from node.ops.status import SwarmUnreachable, dht_client, measure_clock, read_swarm, sample_clock_offsets
+    if not cfg.initial_peers:
+        return _no_swarm_to_check(cfg)
+    try:
+        ours = _our_manifest(cfg)
+    except DataError as error:
+        return [Check("swarm", FAIL, f"cannot load the training data: {error}", "fix --data"),
+                Check("clock skew", SKIP, "not measured")]
+    try:
+        swarm, clocks = await _read_swarm_and_clocks(cfg, clock_window)
+    except SwarmUnreachable as error:
+        return [Check("swarm", FAIL, str(error), "check the --initial-peer multiaddrs (any live node's 'others join "
+                      "with' line), that the peer is up, and that firewalls allow the TCP port"),
+                Check("clock skew", SKIP, "not measured: the swarm is unreachable")]
+    checks = [_swarm_manifest_check(cfg, swarm, ours)]
+    if not clocks:
+        checks.append(Check("clock skew", SKIP, "no live peer answered a ping or published its clock"))
+        return checks
+    skew = _clock_skew_check(clocks)
+    checks.append(skew)
+    if skew.verdict == FAIL and checks[0].verdict == WARN:
+        # the swarm looked empty: its short-lived records seem expired to us
+        checks[0].detail += " (with this clock skew, peers' presence records look expired on this machine)"
+    return checks
 
-    if not cfg.initial_peers and cfg.initial_peers_file:
+
+def _no_swarm_to_check(cfg: NodeConfig) -> list[Check]:
+    """The swarm and clock checks when there is no initial peer to reach."""
+    if cfg.initial_peers_file:
         return [
             Check("swarm", WARN, f"no running peer in {cfg.initial_peers_file} yet: the node would wait up to "
                   "5 minutes for one, then exit 1", "start the node that writes it (the bootstrap node) first"),
             Check("clock skew", SKIP, "no peers to compare clocks with yet"),
         ]
-    if not cfg.initial_peers:
-        return [
-            Check("swarm", SKIP, "no --initial-peer: this node would start a new swarm"),
-            Check("clock skew", SKIP, "no peers to compare clocks with (pass --initial-peer)"),
-        ]
-    try:
-        corpus = load_corpus(cfg.data or None)
-        ours = manifest_hash(cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION))
-    except DataError as error:
-        return [Check("swarm", FAIL, f"cannot load the training data: {error}", "fix --data"),
-                Check("clock skew", SKIP, "not measured")]
-    try:
-        async with dht_client(cfg.initial_peers) as dht:
-            swarm = await read_swarm(dht, cfg.run_id)
-            # the initial peers (addresses known for sure), then the live peers the swarm lists
-            targets = {m.rsplit("/p2p/", 1)[1]: [m.rsplit("/p2p/", 1)[0]] for m in cfg.initial_peers if "/p2p/" in m}
-            for peer in swarm.peers + swarm.other_manifest:
-                targets.setdefault(peer.peer_id, peer.maddrs)
-            targets = dict(list(targets.items())[:MAX_CLOCK_PEERS])
-            pings = await asyncio.gather(*(measure_clock(dht, peer, maddrs) for peer, maddrs in targets.items()))
-            clocks = {peer: ping for peer, ping in zip(targets, pings) if ping is not None}
-            if len(clocks) < len(targets):  # peers that did not answer a ping: their presence records' clocks
-                sampled = await sample_clock_offsets(dht, cfg.run_id, clock_window)
-                clocks.update({peer: (offset, math.nan) for peer, offset in sampled.items() if peer not in clocks})
-    except SwarmUnreachable as error:
-        return [Check("swarm", FAIL, str(error), "check the --initial-peer multiaddrs (any live node's 'others join "
-                      "with' line), that the peer is up, and that firewalls allow the TCP port"),
-                Check("clock skew", SKIP, "not measured: the swarm is unreachable")]
-    checks = []
+    return [
+        Check("swarm", SKIP, "no --initial-peer: this node would start a new swarm"),
+        Check("clock skew", SKIP, "no peers to compare clocks with (pass --initial-peer)"),
+    ]
+
+
+def _our_manifest(cfg: NodeConfig) -> str:
+    """The manifest hash this config would publish (loads the training data; DataError if it cannot)."""
+    from protocol import PROTOCOL_VERSION, manifest_hash
+
+    from node.train.data import load_corpus
+
+    corpus = load_corpus(cfg.data or None)
+    return manifest_hash(cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION))
+
+
+async def _read_swarm_and_clocks(cfg: NodeConfig, clock_window: float
+                                 ) -> tuple[SwarmStatus, dict[str, tuple[float, float]]]:
+    """As a DHT client: the swarm's registration, and clock offsets of up to MAX_CLOCK_PEERS peers as
+    {peer: (offset, round trip)} (round trip NaN where only a presence record gave the clock). SwarmUnreachable."""
+    from node.ops.status import dht_client, measure_clock, read_swarm, sample_clock_offsets
+
+    async with dht_client(cfg.initial_peers) as dht:
+        swarm = await read_swarm(dht, cfg.run_id)
+        targets = _clock_targets(cfg.initial_peers, swarm)
+        pings = await asyncio.gather(*(measure_clock(dht, peer, maddrs) for peer, maddrs in targets.items()))
+        clocks = {peer: ping for peer, ping in zip(targets, pings) if ping is not None}
+        if len(clocks) < len(targets):  # peers that did not answer a ping: their presence records' clocks
+            sampled = await sample_clock_offsets(dht, cfg.run_id, clock_window)
+            clocks.update({peer: (offset, math.nan) for peer, offset in sampled.items() if peer not in clocks})
+    return swarm, clocks
+
+
+def _clock_targets(initial_peers: list[str], swarm: SwarmStatus) -> dict[str, list[str]]:
+    """The peers to ping, with their addresses: the initial peers (addresses known for sure), then the live peers
+    the swarm lists; at most MAX_CLOCK_PEERS."""
+    targets = {m.rsplit("/p2p/", 1)[1]: [m.rsplit("/p2p/", 1)[0]] for m in initial_peers if "/p2p/" in m}
+    for peer in swarm.peers + swarm.other_manifest:
+        targets.setdefault(peer.peer_id, peer.maddrs)
+    return dict(list(targets.items())[:MAX_CLOCK_PEERS])
+
+
+def _swarm_manifest_check(cfg: NodeConfig, swarm: SwarmStatus, ours: str) -> Check:
+    """Is the swarm registered, does its manifest match ours, and does it have live peers?"""
     if swarm.manifest is None:
-        checks.append(Check("swarm", WARN, f"reached the DHT, but no swarm {cfg.run_id!r} is registered there",
-                            "check --run-id; or you are the first node of this run"))
-    elif swarm.manifest != ours:
-        checks.append(Check("swarm", FAIL, f"swarm {cfg.run_id!r} runs manifest {swarm.manifest[:12]}, this config "
-                            f"gives {ours[:12]}: the node would be refused",
-                            "use exactly the swarm's model, data, optimizer, outer-step and verification settings "
-                            "(the run's published config), and the same gossiptrain protocol version"))
-    else:
-        checks.append(Check("swarm", OK if swarm.peers else WARN,
-                            f"swarm {cfg.run_id!r}: {len(swarm.peers)} live peer(s), manifest {ours[:12]} matches",
-                            "" if swarm.peers else "no live peer right now: the node will wait for --min-peers"))
-    if not clocks:
-        checks.append(Check("clock skew", SKIP, "no live peer answered a ping or published its clock"))
-        return checks
+        return Check("swarm", WARN, f"reached the DHT, but no swarm {cfg.run_id!r} is registered there",
+                     "check --run-id; or you are the first node of this run")
+    if swarm.manifest != ours:
+        return Check("swarm", FAIL, f"swarm {cfg.run_id!r} runs manifest {swarm.manifest[:12]}, this config "
+                     f"gives {ours[:12]}: the node would be refused",
+                     "use exactly the swarm's model, data, optimizer, outer-step and verification settings "
+                     "(the run's published config), and the same gossiptrain protocol version")
+    return Check("swarm", OK if swarm.peers else WARN,
+                 f"swarm {cfg.run_id!r}: {len(swarm.peers)} live peer(s), manifest {ours[:12]} matches",
+                 "" if swarm.peers else "no live peer right now: the node will wait for --min-peers")
+
+
+def _clock_skew_check(clocks: dict[str, tuple[float, float]]) -> Check:
+    """The verdict on the largest clock offset among the measured peers."""
     worst_peer, (worst, round_trip) = max(clocks.items(), key=lambda item: abs(item[1][0]))
     accuracy = (f"±{round_trip / 2 * 1000:.1f} ms by DHT ping" if math.isfinite(round_trip)
                 else "±~0.5 s from its presence record")
@@ -363,14 +406,10 @@ async def check_swarm(cfg: NodeConfig, clock_window: float) -> list[Check]:
     fix = ("sync this machine's clock (timedatectl set-ntp true, or chrony/ntpd): hivemind's DHT refuses to join "
            "through a peer whose clock differs by more than 3 s, and record expirations shift by the skew")
     if abs(worst) > MAX_CLOCK_SKEW:
-        checks.append(Check("clock skew", FAIL, detail, fix))
-        if checks[0].verdict == WARN:  # the swarm looked empty: its short-lived records seem expired to us
-            checks[0].detail += " (with this clock skew, peers' presence records look expired on this machine)"
-    elif abs(worst) > WARN_CLOCK_SKEW:
-        checks.append(Check("clock skew", WARN, detail, fix))
-    else:
-        checks.append(Check("clock skew", OK, detail))
-    return checks
+        return Check("clock skew", FAIL, detail, fix)
+    if abs(worst) > WARN_CLOCK_SKEW:
+        return Check("clock skew", WARN, detail, fix)
+    return Check("clock skew", OK, detail)
 
 
 async def run_checks(cfg: NodeConfig, clock_window: float | None = None,

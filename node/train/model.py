@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from node.config import NodeConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,11 @@ class ModelConfig:
     n_layers: int = 2
     n_heads: int = 4
     vocab: int = 256
+
+    @classmethod
+    def from_node_config(cls, cfg: NodeConfig) -> ModelConfig:
+        """The model a node configuration describes: the one place a NodeConfig becomes a ModelConfig."""
+        return cls(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
 
 
 class Block(nn.Module):

@@ -113,7 +113,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.deterministic = True
-        model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+        model_cfg = ModelConfig.from_node_config(cfg)
         self.model = build_model(model_cfg, cfg.seed).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)

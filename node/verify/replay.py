@@ -71,7 +71,7 @@ class Replayer:
 
     def __init__(self, cfg: NodeConfig, corpus: Corpus, device: torch.device | str = "cpu") -> None:
         self.cfg, self.corpus, self.device = cfg, corpus, torch.device(device)
-        model_cfg = ModelConfig(context=cfg.context, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+        model_cfg = ModelConfig.from_node_config(cfg)
         self.model = build_model(model_cfg, cfg.seed).to(self.device)
         self.numel = sum(p.numel() for p in self.model.parameters())
 

@@ -88,3 +88,34 @@ def test_work_dir_placeholders():
     assert NodeConfig(work_dir="/data/node-{slot}").validate().work_dir == "/data/node-{slot}"
     with pytest.raises(ConfigError, match="placeholder"):
         NodeConfig(work_dir="/data/{hostname}").validate()
+
+
+def test_manifest_hash_is_pinned():
+    # The manifest hash is what peers compare: a refactor of NodeConfig.manifest must not change it.
+    from protocol import manifest_hash
+
+    assert manifest_hash(NodeConfig().manifest("data", 1)) == (
+        "8ea23cd3896a41ac65718b71de438364f5843a37b6c7e561977eec200675967d")
+    varied = NodeConfig(d_model=64, n_heads=2, verify="off", verify_rate=0.5, gamma=0.3, chunk_bytes=4096,
+                        batch_size=3, lr=0.1)
+    assert manifest_hash(varied.manifest("fp", 1)) == (
+        "d925de82d993516fcee9f7c11e8f83eb1952e914346488228b382bca85ec496f")
+
+
+def test_model_config_comes_from_the_node_config_and_matches_the_manifest():
+    import dataclasses
+
+    from node.train.model import ModelConfig
+
+    cfg = NodeConfig(context=16, d_model=32, n_layers=1, n_heads=2, seed=9)
+    model_cfg = ModelConfig.from_node_config(cfg)
+    assert model_cfg == ModelConfig(context=16, d_model=32, n_layers=1, n_heads=2)
+    model_section = cfg.manifest("data", 1)["model"]
+    for field in dataclasses.fields(ModelConfig):  # vocab included: the manifest states it too
+        assert model_section[field.name] == getattr(model_cfg, field.name)
+
+
+@pytest.mark.parametrize("name", ["context", "d_model", "n_layers", "batch_size"])  # n_heads=0: ZeroDivisionError in validate()
+def test_sizes_below_one_are_refused(name):
+    with pytest.raises(ConfigError, match="context, d_model, n_layers, n_heads and batch_size must be >= 1"):
+        NodeConfig(**{name: 0}).validate()

@@ -51,6 +51,7 @@ from protocol import (
 
 _text = st.text(max_size=MAX_STR_CHARS)
 _uint = st.integers(min_value=0, max_value=2**64 - 1)
+_round = st.integers(min_value=0, max_value=2**63 - 1)  # rounds are u63 (SPEC.md §3)
 
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(ErrorMessage, kind=_text, message=_text),
@@ -58,14 +59,14 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
         ExchangeRequest,
         run_id=_text,
         manifest_hash=_text,
-        round=_uint,
+        round=_round,
         sender=_text,
         tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
         numel=_uint,
         dtype=_text,
     ),
-    st.builds(ExchangeAccept, round=_uint),
-    st.builds(ExchangeReject, reason=st.sampled_from(REJECT_REASONS), round=_uint),
+    st.builds(ExchangeAccept, round=_round),
+    st.builds(ExchangeReject, reason=st.sampled_from(REJECT_REASONS), round=_round),
     st.builds(
         TensorHeader,
         name=_text,
@@ -80,17 +81,17 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(StateRequest, run_id=_text, manifest_hash=_text, sender=_text),
     st.builds(
         StateOffer,
-        round=_uint,
+        round=_round,
         global_step=_uint,
         manifest_hash=_text,
         tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
         numel=_uint,
         dtype=_text,
     ),
-    st.builds(AuditRequest, run_id=_text, manifest_hash=_text, sender=_text, round=_uint),
+    st.builds(AuditRequest, run_id=_text, manifest_hash=_text, sender=_text, round=_round),
     st.builds(
         AuditOffer,
-        round=_uint,
+        round=_round,
         start_digest=_text,
         tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
         numel=_uint,
@@ -389,3 +390,55 @@ def test_error_kinds_are_distinct_labels() -> None:
         assert issubclass(cls, ProtocolError)
         assert cls.kind == kind
     assert len(set(kinds.values())) == len(kinds)
+
+
+# --- the registry and the u63 round bound ---------------------------------------
+
+
+def test_registry_derives_types_classes_and_exports() -> None:
+    import protocol
+    from protocol.messages import MESSAGE_CLASSES
+
+    assert [int(t) for t in MessageType] == list(range(len(MessageType)))
+    assert MessageType.ERROR is ErrorMessage.TYPE
+    assert MessageType.EXCHANGE_REQUEST is ExchangeRequest.TYPE
+    for type_, cls in MESSAGE_CLASSES.items():
+        assert cls.TYPE is type_
+        assert cls.__name__ in protocol.__all__
+        assert getattr(protocol, cls.__name__) is cls
+    assert set(Message.__args__) == set(MESSAGE_CLASSES.values())
+
+
+_ROUND_MESSAGES: list[Message] = [
+    _request(),
+    ExchangeAccept(round=1),
+    ExchangeReject(reason="busy", round=1),
+    StateOffer(round=1, global_step=0, manifest_hash="h", tensors=("phi",), numel=1, dtype="float32"),
+    AuditRequest(run_id="r", manifest_hash="h", sender="s", round=1),
+    AuditOffer(round=1, start_digest="d", tensors=("phi",), numel=1, dtype="float32"),
+]
+
+
+@pytest.mark.parametrize("msg", _ROUND_MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_of_2_pow_63_is_refused_on_the_wire(msg: Message) -> None:
+    import dataclasses
+
+    largest = dataclasses.replace(msg, round=2**63 - 1)
+    assert decode_message(encode_message(largest)) == largest
+    with pytest.raises(InvalidField, match="'round' must be at most"):
+        encode_message(dataclasses.replace(msg, round=2**63))
+    raw = _raw(msg)
+    raw["round"] = 2**63  # msgpack carries it as uint64; the codec refuses it
+    with pytest.raises(InvalidField, match="'round' must be at most") as info:
+        decode_message(_pack(raw))
+    assert info.value.kind == "field"
+
+
+def test_records_and_wire_share_the_round_bound() -> None:
+    from protocol.verification import InvalidRecord, Receipt
+
+    good = Receipt("run", "a", "b", 2**63 - 1, "cd" * 32, "ef" * 16)
+    assert Receipt.from_wire(good.to_wire()) == good
+    with pytest.raises(InvalidRecord, match="'round' must be at most") as info:
+        Receipt.from_wire({**good.to_wire(), "round": 2**63})
+    assert info.value.kind == "record"

@@ -43,7 +43,7 @@ from protocol import (
     encode_message,
     tensor_messages,
 )
-from protocol.messages import MAX_UINT
+from protocol.messages import MAX_U63, MAX_UINT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_TENSORS = ("phi", "momentum")
@@ -144,7 +144,7 @@ def test_limits_are_inclusive() -> None:
     longest = "x" * MAX_STR_CHARS
     for msg in (
         _request(run_id=longest, manifest_hash=longest, sender=longest),
-        _offer(round=MAX_UINT, global_step=MAX_UINT, numel=MAX_UINT, manifest_hash=longest,
+        _offer(round=MAX_U63, global_step=MAX_UINT, numel=MAX_UINT, manifest_hash=longest,
                dtype=longest, tensors=(longest,) * MAX_TENSORS),
         _offer(round=0, global_step=0, numel=0, manifest_hash="", dtype="", tensors=("",)),
     ):
