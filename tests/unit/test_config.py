@@ -115,7 +115,7 @@ def test_model_config_comes_from_the_node_config_and_matches_the_manifest():
         assert model_section[field.name] == getattr(model_cfg, field.name)
 
 
-@pytest.mark.parametrize("name", ["context", "d_model", "n_layers", "batch_size"])  # n_heads=0: ZeroDivisionError in validate()
+@pytest.mark.parametrize("name", ["context", "d_model", "n_layers", "n_heads", "batch_size"])
 def test_sizes_below_one_are_refused(name):
     with pytest.raises(ConfigError, match="context, d_model, n_layers, n_heads and batch_size must be >= 1"):
         NodeConfig(**{name: 0}).validate()
