@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
-import os
 import random
 import signal
 import statistics
@@ -31,15 +31,23 @@ from pathlib import Path
 from typing import Any
 
 from node.config import FIELDS
-from node.metrics import FAILED_RESULTS
-from node.tools.swarm import START_TIMEOUT, LocalSwarm, NodeProcess, SwarmError, scrape
 from node.table import format_table
+from node.tools import procs
+from node.tools.procs import KILL_WAIT_S
+from node.tools.swarm import (
+    START_TIMEOUT,
+    LocalSwarm,
+    NodeProcess,
+    SwarmError,
+    exchange_counts,
+    rounds_done,
+    scrape,
+)
 
 KINDS = ("kill9", "term", "freeze")
 
 TICK_S = 1.0  # monitoring period
 SCRAPE_TIMEOUT_S = 2.0
-KILL_WAIT_S = 10.0  # a SIGKILLed process is reaped within this
 
 
 # ---------------------------------------------------------------------------------------------- the schedule
@@ -240,19 +248,6 @@ def _left_align(rows: list[dict[str, Any]], *columns: str) -> list[dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def rounds_done(samples: dict[str, float]) -> int:
-    """Rounds a node has computed (paired + local) according to one scrape."""
-    return int(sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{")))
-
-
-def exchange_counts(samples: dict[str, float]) -> tuple[int, int]:
-    """(ok, failed) pair exchanges in one scrape."""
-    def count(result: str) -> int:
-        return int(samples.get(f'gossiptrain_exchanges_total{{result="{result}"}}', 0))
-
-    return count("ok"), sum(count(r) for r in FAILED_RESULTS)
-
-
 def node_timeouts(node_args: Sequence[str]) -> tuple[float, float]:
     """(sync_timeout, io_timeout) as the nodes will see them: the last flag in node_args, else the default."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -294,32 +289,20 @@ def fresh_summary(node: NodeProcess, since: float) -> dict[str, Any] | None:
 
 def _signal(node: NodeProcess, sig: int, group: bool) -> None:
     """Signal the node (group=True: its whole process group, p2pd included); a vanished target is ignored."""
-    try:
-        if group:
-            os.killpg(node.process.pid, sig)  # start_new_session=True: the node leads its own group
-        else:
+    if group:
+        procs.signal_group(node.process.pid, sig)  # start_new_session=True: the node leads its own group
+    else:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             node.process.send_signal(sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def cleanup(nodes: Sequence[NodeProcess], grace: float = 20.0) -> None:
     """Leave nothing running, whatever happened: SIGCONT, SIGTERM, then SIGKILL each group after `grace`."""
-    running = [n for n in nodes if n.process.poll() is None]
-    for node in running:
-        _signal(node, signal.SIGCONT, group=True)
-        _signal(node, signal.SIGTERM, group=False)
-    deadline = time.monotonic() + grace
+    processes = [node.process for node in nodes]
     try:
-        for node in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        procs.wait_all(procs.terminate_all(processes, thaw=True), grace)
     finally:  # also after a second Ctrl-C during the grace period
-        for node in nodes:
-            if node.process.poll() is None:
-                _signal(node, signal.SIGKILL, group=True)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    node.process.wait(timeout=KILL_WAIT_S)
+        procs.kill_all(processes, check=False)
 
 
 # ---------------------------------------------------------------------------------------------- the runner
@@ -735,57 +718,78 @@ def run_chaos(
     swarm = LocalSwarm(num_nodes, base_dir / "chaos", list(node_args), metrics_base_port, threads_per_node)
     run = _ChaosRun(swarm, schedule, seed, duration_s, max_concurrent, term_timeout, rejoin_timeout, defer_limit_s,
                     on_event)
+    phase_s = _run_phases(run)
+
+    nodes, checkpoint_problems, final_losses = _node_reports(run)
+    checks = _checks(run, nodes, node_args, max_stall_s, stall_factor, checkpoint_problems)
+    chaos_loss = statistics.fmean(final_losses.values()) if final_losses else math.nan
+    fault_free = None  # check (f)'s reference: a fault-free swarm, same node args, for the chaos phase's wall time
+    if baseline:
+        fault_free = functools.partial(run_baseline, base_dir / "baseline", num_nodes, node_args,
+                                       threads_per_node=threads_per_node, metrics_base_port=metrics_base_port,
+                                       term_timeout=term_timeout, on_event=on_event)
+    loss_check, baseline_loss = _loss_check(fault_free, phase_s, nodes, final_losses, chaos_loss, loss_tolerance)
+    checks += [loss_check, _schedule_check(run)]
+    return ChaosReport(seed, num_nodes, phase_s, schedule, run.log, nodes, checks, chaos_loss, baseline_loss,
+                       loss_tolerance)
+
+
+def _run_phases(run: _ChaosRun) -> float:
+    """Start the swarm, run the chaos phase, stop every node: the chaos phase's wall time (0: the start failed).
+
+    Every node process is gone when this returns or raises (KeyboardInterrupt included)."""
     try:
         try:
             run.start_initial()
         except SwarmError as error:
             run.problems["crash"].append(f"initial start failed: {error}")
             run.record("start", "all", f"FAILED: {str(error).splitlines()[0]}")
-            phase_s = 0.0
-        else:
-            run.chaos_phase()
-            phase_s = run.stop_all()
+            return 0.0
+        run.chaos_phase()
+        return run.stop_all()
     finally:
         run.close()
 
+
+def _node_reports(run: _ChaosRun) -> tuple[list[NodeReport], list[str], dict[int, float]]:
+    """Each node's report, the checkpoint problems (check (e)) and {node: final eval loss} of the nodes whose
+    last process left a summary.json."""
     nodes, checkpoint_problems, final_losses = [], [], {}
     for slot in run.slots:
         rounds, ok, failed = (sum(column) for column in zip(*(life.last for life in slot.lives)))
         report = NodeReport(slot.index, starts=len(slot.lives), rounds=rounds, ex_ok=ok, ex_failed=failed,
                             max_stall_s=slot.max_stall, **slot.counts)
         report.final_eval = slot.life.eval_loss  # the last scrape, unless the last process left a summary
-        if slot.index < len(swarm.nodes):
-            node = swarm.nodes[slot.index]
+        if slot.index < len(run.swarm.nodes):
+            node = run.swarm.nodes[slot.index]
             summary = fresh_summary(node, slot.life.started_wall) or {}
             if summary.get("eval_loss") is not None:
                 report.final_eval = final_losses[slot.index] = float(summary["eval_loss"])
             report.ckpts_ok, report.ckpts_total, problems = check_checkpoints(node.work_dir)
             checkpoint_problems += [f"node {slot.index} {p}" for p in problems]
         nodes.append(report)
+    return nodes, checkpoint_problems, final_losses
 
-    checks = _checks(run, nodes, node_args, max_stall_s, stall_factor, checkpoint_problems)
-    chaos_loss = statistics.fmean(final_losses.values()) if final_losses else math.nan
-    report = ChaosReport(seed, num_nodes, phase_s, schedule, run.log, nodes, checks, chaos_loss, None, loss_tolerance)
+
+def _loss_check(fault_free: Callable[[float], tuple[float, int, list[str]]] | None, phase_s: float,
+                nodes: list[NodeReport], final_losses: dict[int, float], chaos_loss: float,
+                loss_tolerance: float) -> tuple[Check, float | None]:
+    """Check (f) and the fault-free loss: `fault_free(wall_s)` (None: no baseline) runs the fault-free swarm for
+    the chaos phase's wall time, as run_baseline does."""
     name = "(f) final eval loss within tolerance of fault-free"
-    if not baseline:
-        checks.append(Check(name, None, "no fault-free baseline (--no-baseline)"))
-    elif phase_s <= 0:
-        checks.append(Check(name, False, "no chaos phase ran"))
-    else:
-        base_loss, base_rounds, problems = run_baseline(base_dir / "baseline", num_nodes, node_args, phase_s,
-                                           threads_per_node=threads_per_node, metrics_base_port=metrics_base_port,
-                                           term_timeout=term_timeout, on_event=on_event)
-        report.baseline_loss = base_loss
-        missing = [i for i in range(num_nodes) if i not in final_losses]
-        if missing:
-            problems.append(f"chaos nodes {missing} left no summary.json from their last process")
-        delta = chaos_loss - base_loss
-        detail = (f"chaos {chaos_loss:.3f} vs fault-free {base_loss:.3f}: {delta:+.3f} nats "
-                  f"(tolerance {loss_tolerance:.3f}; same node args, {phase_s:.0f}s each; swarm rounds "
-                  f"{sum(n.rounds for n in nodes)} vs {base_rounds})")
-        checks.append(Check(name, not problems and delta <= loss_tolerance, "; ".join([*problems, detail])))
-    checks.append(_schedule_check(run))
-    return report
+    if fault_free is None:
+        return Check(name, None, "no fault-free baseline (--no-baseline)"), None
+    if phase_s <= 0:
+        return Check(name, False, "no chaos phase ran"), None
+    base_loss, base_rounds, problems = fault_free(phase_s)
+    missing = [report.node for report in nodes if report.node not in final_losses]
+    if missing:
+        problems.append(f"chaos nodes {missing} left no summary.json from their last process")
+    delta = chaos_loss - base_loss
+    detail = (f"chaos {chaos_loss:.3f} vs fault-free {base_loss:.3f}: {delta:+.3f} nats "
+              f"(tolerance {loss_tolerance:.3f}; same node args, {phase_s:.0f}s each; swarm rounds "
+              f"{sum(n.rounds for n in nodes)} vs {base_rounds})")
+    return Check(name, not problems and delta <= loss_tolerance, "; ".join([*problems, detail])), base_loss
 
 
 def _checks(run: _ChaosRun, nodes: list[NodeReport], node_args: Sequence[str], max_stall_s: float | None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.metrics import FAILED_RESULTS
+from node.tools import procs
+from node.workdir import StatusUnreadable, read_status
 
 START_TIMEOUT = 90.0
 
@@ -48,17 +49,16 @@ class NodeProcess:
         return self.status["maddrs"][0]
 
     def poll_status(self) -> dict[str, Any]:
-        path = self.work_dir / "node.json"
-        if path.exists():
-            self.status = json.loads(path.read_text())
+        """Its node.json (the NodeStatus fields); the last one read while the file is missing or unreadable."""
+        try:
+            self.status = read_status(self.work_dir).to_wire()
+        except (FileNotFoundError, StatusUnreadable):
+            pass
         return self.status
 
     def kill_group(self) -> None:
         """SIGKILL the node and everything in its process group (its p2pd), not only the Python process."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # started with start_new_session: it leads its group
-        except (ProcessLookupError, PermissionError):
-            self.process.kill()
+        procs.kill_group(self.process)  # started with start_new_session: it leads its group
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -80,6 +80,21 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+def rounds_done(samples: dict[str, float]) -> int:
+    """Rounds a node has computed (paired + local) according to one scrape; 0 if it did not answer."""
+    return int(sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{")))
+
+
+def exchange_count(samples: dict[str, float], result: str) -> int:
+    """Pair exchanges that ended with `result` (ok, rejected, no_partner, ...) according to one scrape."""
+    return int(samples.get(f'gossiptrain_exchanges_total{{result="{result}"}}', 0))
+
+
+def exchange_counts(samples: dict[str, float]) -> tuple[int, int]:
+    """(ok, failed) pair exchanges in one scrape; failed: every result in FAILED_RESULTS."""
+    return exchange_count(samples, "ok"), sum(exchange_count(samples, r) for r in FAILED_RESULTS)
 
 
 class LocalSwarm:
@@ -152,7 +167,7 @@ class LocalSwarm:
 
     def metrics(self, index: int) -> dict[str, float]:
         node = self.nodes[index]
-        return scrape(node.metrics_url) if node.ops.status.get("metrics_port") else {}
+        return scrape(node.metrics_url) if node.status.get("metrics_port") else {}
 
     def wait_finished(self, timeout: float) -> list[int]:
         """Wait for every node process to exit by itself; returns exit codes (None if still running)."""
@@ -163,16 +178,7 @@ class LocalSwarm:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM every node (a clean leave), SIGKILL what is still running after `grace` seconds."""
-        for node in self.nodes:
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for node in self.nodes:
-            try:
-                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                node.kill_group()
-                node.process.wait(timeout=10)
+        procs.stop_processes([node.process for node in self.nodes], grace)
 
     def summaries(self) -> list[dict[str, Any]]:
         result = []
@@ -184,14 +190,11 @@ class LocalSwarm:
 
 def progress_row(index: int, samples: dict[str, float]) -> dict[str, Any]:
     """One node's live progress from a scrape of its /metrics."""
-    def exchanges(result: str) -> int:
-        return int(samples.get(f'gossiptrain_exchanges_total{{result="{result}"}}', 0))
-
-    failed = sum(exchanges(r) for r in FAILED_RESULTS)
+    ok, failed = exchange_counts(samples)
     return {
         "node": index, "round": int(samples.get("gossiptrain_round", 0)),
         "loss": samples.get("gossiptrain_train_loss", math.nan), "eval": samples.get("gossiptrain_eval_loss", math.nan),
-        "tok/s": samples.get("gossiptrain_tokens_per_second", math.nan), "ex ok": exchanges("ok"), "ex failed": failed, "refused": exchanges("rejected"),
-        "alone": exchanges("no_partner"),
+        "tok/s": samples.get("gossiptrain_tokens_per_second", math.nan), "ex ok": ok, "ex failed": failed,
+        "refused": exchange_count(samples, "rejected"), "alone": exchange_count(samples, "no_partner"),
         "peers": int(samples.get("gossiptrain_peers_live", 0)),
     }

@@ -1,9 +1,13 @@
-"""Helpers for integration tests: real node processes with real p2pd on 127.0.0.1."""
+"""Helpers for integration tests: real node processes with real p2pd on 127.0.0.1.
+
+The process helpers (stopping, /proc scanners) live in node/tools/procs.py and the scrape readers in
+node/tools/swarm.py, shared with the swarm and chaos tools: tests import them from there
+(processes_mentioning and rounds_done, once defined here, are still re-exported).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +17,10 @@ from typing import Callable, Iterator, TypeVar
 
 import pytest
 
-from node.tools.swarm import LocalSwarm
+from node.tools.procs import kill_all, processes_mentioning
+from node.tools.swarm import LocalSwarm, rounds_done
+
+__all__ = ["TINY", "gossiptrain", "poll", "processes_mentioning", "rounds_done", "stop"]
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,33 +50,13 @@ def gossiptrain(*args: str) -> Iterator[subprocess.Popen]:
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        kill_all([process])
 
 
 def stop(process: subprocess.Popen, timeout: float) -> str:
     """SIGTERM, then its whole output once it has exited (TimeoutExpired after `timeout`)."""
     process.send_signal(signal.SIGTERM)
     return process.communicate(timeout=timeout)[0]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains `text` (p2pd's carries the identity path in the node's work dir)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def rounds_done(samples: dict[str, float]) -> int:
-    """Rounds a node has computed (paired + local) according to one scrape; 0 if it did not answer."""
-    return int(sum(v for k, v in samples.items() if k.startswith("gossiptrain_outer_rounds_total{")))
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ async def hostile_client(node):
     dht = await DHTNode.create(p2p=p2p, initial_peers=[node.maddr], cache_locally=False)
     try:
         manifest = (await dht.get(f"{RUN}.manifest", latest=True)).value
-        client = HostileClient(p2p, dht, PeerID.from_base58(node.ops.status["peer_id"]), manifest)
+        client = HostileClient(p2p, dht, PeerID.from_base58(node.status["peer_id"]), manifest)
         await client.announce(0)
         yield client
     finally:
@@ -153,7 +153,7 @@ async def test_node_refuses_malformed_frames_with_typed_errors(lone_node):
 
 async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node):
     node = lone_node.nodes[0]
-    numel = node.ops.status["parameters"]
+    numel = node.status["parameters"]
     async with hostile_client(node) as client:
         wrong_numel = await client.send_raw_and_read_error(
             encode_frame(encode_message(client.request(0, numel + 1))))

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from node.tools.swarm import exchange_count, exchange_counts
 from node.train.checkpoint import list_checkpoints, verify_checkpoint
-from node.metrics import FAILED_RESULTS
 from tests.integration.conftest import TINY, poll, rounds_done
 
 pytestmark = pytest.mark.integration
@@ -29,11 +29,11 @@ REJOIN = ["--min-peers", "1"]
 
 
 def failed_exchanges(samples: dict[str, float]) -> int:
-    return int(sum(samples.get(f'gossiptrain_exchanges_total{{result="{r}"}}', 0) for r in FAILED_RESULTS))
+    return exchange_counts(samples)[1]
 
 
 def ok_exchanges(samples: dict[str, float]) -> int:
-    return int(samples.get('gossiptrain_exchanges_total{result="ok"}', 0))
+    return exchange_count(samples, "ok")
 
 
 def test_join_leave_crash_and_restart(make_swarm):

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -32,9 +31,10 @@ import yaml
 
 from node.cli.main import build_parser
 from node.ops.report import png_size  # tests/unit/test_report.py checks PNGs with an independent parser
-from tests.integration.conftest import poll, rounds_done
+from node.tools.procs import stop_processes
 from node.tools.swarm import scrape
 from node.workdir import candidates
+from tests.integration.conftest import poll, rounds_done
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the module fixture starts a swarm
 
@@ -182,19 +182,6 @@ def start_node(node: LocalContainer, base: Path) -> None:
                                         start_new_session=True)
 
 
-def stop_processes(processes: list[subprocess.Popen], grace: float = 30) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait(timeout=10)
-
-
 def prometheus_config(targets: list[str], self_target: str) -> dict:
     """ops/prometheus/prometheus.yml with its DNS discovery (compose service names) replaced by the local targets."""
     config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
@@ -254,7 +241,7 @@ def stack(tmp_path_factory):
              timeout=60, interval=1.0, what="30 s of scrapes of all three nodes")
         yield result
     finally:
-        stop_processes(processes)
+        stop_processes(processes, grace=30)
 
 
 def test_compose_file_validates_and_wires_the_stack():

@@ -14,8 +14,9 @@ import signal
 import pytest
 import torch
 
-from node.train.checkpoint import list_checkpoints, load_latest
+from node.tools.procs import session_members
 from node.tools.swarm import LocalSwarm
+from node.train.checkpoint import list_checkpoints, load_latest
 from tests.integration.conftest import TINY, poll
 
 pytestmark = pytest.mark.integration
@@ -101,21 +102,6 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_pat
         assert node.process.returncode == 0
     finally:
         swarm.stop()
-
-
-def session_members(session_id: int) -> list[int]:
-    """Live processes in a session (the node's own session: LocalSwarm starts each node in a new one)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as file:
-                    fields = file.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id, [0]: state
-                members.append(int(entry))
-    return members
 
 
 def test_second_signal_forces_exit_without_orphaning_p2pd(tmp_path):

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from node.tools.procs import signal_group
 from tests.integration.conftest import TINY, gossiptrain, poll, processes_mentioning, stop
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def test_sigterm_to_the_launcher_stops_every_node_cleanly(tmp_path):
         pids = [json.loads(p.read_text())["pid"] for p in statuses if p.exists()]
         orphans = [pid for pid in pids if _alive(pid)]
         for pid in orphans:
-            os.killpg(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
     assert not orphans, "nodes kept running after their launcher got SIGTERM"
     poll(lambda: not processes_mentioning(str(base)), timeout=15, what="the nodes' p2pd to be gone")
     assert "interrupted: stopping nodes (clean leave)" in output

@@ -6,23 +6,18 @@ import torch
 
 from protocol.verification import ACCEPT, REJECT, Tolerances, audit_seed, compare
 
-from node.config import NodeConfig
-from node.train.data import load_corpus
 from node.verify.lsh import UpdateSigner
 from node.verify.replay import Replayer
 from node.train.trainer import Trainer
 from node.verify.service import judge_audit, make_commitment
 
-TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "batch_size": 4, "inner_steps": 4,
-        "eval_batches": 2, "threads": 1}
 TOL = Tolerances(0.08, 0.10, 1.02)
 SEED = audit_seed("run", "peer", 3, b"c" * 32, "ab" * 16)
 
 
 @pytest.fixture(scope="module")
-def setting():
-    corpus = load_corpus()
-    trainer = Trainer(NodeConfig(**TINY), corpus, shard=2, sampler_seed=9)
+def setting(corpus, tiny_config):
+    trainer = Trainer(tiny_config(), corpus, shard=2, sampler_seed=9)
     trainer.run_round()
     trainer.apply_outer_step(None)
     trainer.run_round()

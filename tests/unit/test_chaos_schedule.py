@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from node.tools.chaos import (
     Check,
     LogEntry,
     NodeReport,
+    _loss_check,
     check_checkpoints,
     fresh_summary,
     make_schedule,
@@ -168,3 +170,24 @@ def test_a_summary_older_than_the_process_is_ignored(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"eval_loss": 2.5}))
     assert fresh_summary(node, since=time.time() - 60) == {"eval_loss": 2.5}
     assert fresh_summary(node, since=time.time() + 60) is None
+
+
+def test_the_loss_check_runs_the_fault_free_swarm_only_when_asked_and_a_chaos_phase_ran():
+    nodes = [NodeReport(0, rounds=40), NodeReport(1, rounds=30)]
+    walls: list[float] = []
+
+    def fault_free(wall_s: float) -> tuple[float, int, list[str]]:
+        walls.append(wall_s)
+        return 1.9, 80, []
+
+    check, baseline = _loss_check(None, 90.0, nodes, {0: 2.0, 1: 2.2}, 2.1, 0.3)
+    assert (check.passed, baseline) == (None, None) and "--no-baseline" in check.detail
+    check, baseline = _loss_check(fault_free, 0.0, nodes, {}, math.nan, 0.3)
+    assert (check.passed, baseline, check.detail) == (False, None, "no chaos phase ran") and walls == []
+    check, baseline = _loss_check(fault_free, 90.0, nodes, {0: 2.0, 1: 2.2}, 2.1, 0.3)
+    assert walls == [90.0] and baseline == 1.9 and check.passed is True
+    assert "+0.200 nats" in check.detail and "swarm rounds 70 vs 80" in check.detail
+    check, _ = _loss_check(fault_free, 90.0, nodes, {0: 2.0}, 2.0, 0.3)  # node 1's last process left no summary
+    assert check.passed is False and "chaos nodes [1] left no summary.json" in check.detail
+    check, _ = _loss_check(lambda wall_s: (1.7, 80, []), 90.0, nodes, {0: 2.0, 1: 2.2}, 2.1, 0.3)
+    assert check.passed is False and "+0.400 nats" in check.detail  # beyond the tolerance

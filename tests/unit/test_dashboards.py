@@ -14,10 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import prometheus_client
 import yaml
-
-from node.metrics import NodeMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "ops" / "grafana"
@@ -59,14 +56,6 @@ def metric_names(expr: str) -> set[str]:
     bare = VARIABLE.sub("", bare)
     return {name for name in IDENT.findall(bare)
             if name.startswith(("gossiptrain_", "process_")) or name == "up"}
-
-
-def exported_names() -> set[str]:
-    metrics = NodeMetrics()
-    metrics.info.info({"version": "0", "peer_id": "p", "run_id": "r", "manifest": "m", "sync": "s", "device": "cpu"})
-    text = prometheus_client.generate_latest(metrics.registry).decode()
-    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    return names | {"up"}  # `up` is Prometheus's own per-target series
 
 
 def test_dashboards_parse_and_have_the_expected_uids():
@@ -136,8 +125,8 @@ def test_queries_use_only_known_variables_and_filter_by_instance():
             assert 'instance=~"$instance"' in labels, f"{name}: {title!r}: {metric} is not filtered by $instance"
 
 
-def test_queries_name_only_exported_metrics():
-    exported = exported_names()
+def test_queries_name_only_exported_metrics(exported_metric_names):
+    exported = exported_metric_names
     assert "gossiptrain_exchanges_total" in exported and "gossiptrain_round_seconds_bucket" in exported
     used = set()
     for name, title, expr in exprs():

@@ -8,11 +8,6 @@ from node.train.data import BLOCK_BYTES, Corpus, DataError, ShardSampler, heldou
 from node.train.model import ModelConfig, build_model
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    return load_corpus()
-
-
 def test_builtin_corpus_is_real_text_and_reproducible(corpus):
     assert len(corpus.data) > 2_000_000
     assert b"def " in corpus.data[:200_000].tobytes()

@@ -6,33 +6,27 @@ import torch
 
 from protocol.verification import data_assignment
 
-from node.config import NodeConfig
-from node.train.data import load_corpus
 from node.verify.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV, Fault, FaultConfigError, fault_from_env, parse_fault
 from node.verify.replay import Replayer, ReplayError, describe_start, sent_digest, start_digest, start_from_wire
 from node.train.trainer import Trainer
 
-TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "batch_size": 4, "inner_steps": 4,
-        "eval_batches": 2, "threads": 1}
-
 
 @pytest.fixture(scope="module")
-def corpus():
-    return load_corpus()
-
-
-def trained_round(corpus, rounds: int = 2, **changes):
-    """A trainer a few rounds in (Adam moments and sampler far from their initial state), one more round run."""
-    trainer = Trainer(NodeConfig(**{**TINY, **changes}), corpus, shard=1, sampler_seed=5)
-    for _ in range(rounds):
+def trained_round(corpus, tiny_config):
+    def make(rounds: int = 2, **changes) -> Trainer:
+        """A trainer a few rounds in (Adam moments and sampler far from their initial state), one more round run."""
+        trainer = Trainer(tiny_config(**changes), corpus, shard=1, sampler_seed=5)
+        for _ in range(rounds):
+            trainer.run_round()
+            trainer.apply_outer_step(None)
         trainer.run_round()
-        trainer.apply_outer_step(None)
-    trainer.run_round()
-    return trainer
+        return trainer
+
+    return make
 
 
-def test_replay_from_the_served_state_is_bit_exact(corpus):
-    trainer = trained_round(corpus)
+def test_replay_from_the_served_state_is_bit_exact(corpus, trained_round):
+    trainer = trained_round()
     start = trainer.round_start
     assert start.adam_step == 8 and start.global_step == 8
     honest = trainer.fast_weights() - trainer.slow_weights
@@ -45,23 +39,23 @@ def test_replay_from_the_served_state_is_bit_exact(corpus):
     assert torch.equal(replayer.replay(rebuilt, trainer.cfg.inner_steps), honest)
 
 
-def test_micro_batch_split_is_close_but_not_identical(corpus):
-    trainer = trained_round(corpus)
+def test_micro_batch_split_is_close_but_not_identical(corpus, trained_round):
+    trainer = trained_round()
     honest = trainer.fast_weights() - trainer.slow_weights
     replayed = Replayer(trainer.cfg, corpus).replay(trainer.round_start, trainer.cfg.inner_steps, micro_batches=2)
     assert float((replayed - honest).norm() / honest.norm()) < 1e-2
 
 
-def test_cheating_on_work_changes_the_replay(corpus):
-    trainer = trained_round(corpus)
+def test_cheating_on_work_changes_the_replay(corpus, trained_round):
+    trainer = trained_round()
     honest = trainer.fast_weights() - trainer.slow_weights
     replayer = Replayer(trainer.cfg, corpus)
     skipped = replayer.replay(trainer.round_start, trainer.cfg.inner_steps, skip=frozenset({3}))
     assert float((skipped - honest).norm() / honest.norm()) > 0.05
 
 
-def test_digests_bind_every_tensor_and_the_meta(corpus):
-    trainer = trained_round(corpus, rounds=1)
+def test_digests_bind_every_tensor_and_the_meta(trained_round):
+    trainer = trained_round(rounds=1)
     tensors, data = describe_start(trainer.round_start)
     digest = start_digest(tensors, data, 4)
     assert start_digest(tensors, data, 5) != digest
@@ -83,8 +77,8 @@ def test_malformed_data_assignment_is_a_replay_error(data):
         start_from_wire(tensors, data, 0, 4)
 
 
-def test_wrong_sizes_and_shards_are_replay_errors(corpus):
-    trainer = trained_round(corpus, rounds=0)
+def test_wrong_sizes_and_shards_are_replay_errors(corpus, trained_round):
+    trainer = trained_round(rounds=0)
     tensors, data = describe_start(trainer.round_start)
     with pytest.raises(ReplayError):
         start_from_wire({k: v[:-1] for k, v in tensors.items()}, data, 0, trainer.numel)
@@ -114,8 +108,8 @@ def test_fault_attacks():
     assert float(Fault("random", 1).apply(delta, generator).norm() / delta.norm()) == pytest.approx(1.0, rel=0.15)
 
 
-def test_the_committed_micro_batch_split_is_replayed(corpus):
-    trainer = trained_round(corpus, micro_batches=2)
+def test_the_committed_micro_batch_split_is_replayed(corpus, trained_round):
+    trainer = trained_round(micro_batches=2)
     honest = trainer.fast_weights() - trainer.slow_weights
     tensors, data = describe_start(trainer.round_start)
     assert '"micro_batches":2' in data

@@ -5,20 +5,18 @@ import pytest
 import torch
 
 from node.config import NodeConfig
-from node.train.data import load_corpus
 from node.train.outer_step import OuterHyper, outer_step_full, outer_step_theta
 from node.train.trainer import Trainer, lr_at
 
-TINY = dict(d_model=32, n_layers=1, n_heads=2, context=32, batch_size=4, inner_steps=3, eval_batches=2, threads=1)
-
 
 @pytest.fixture(scope="module")
-def corpus():
-    return load_corpus()
+def config(tiny_config):
+    """The tiny model with rounds of 3 inner steps (the step counts below assume 3)."""
+    return lambda **changes: tiny_config(**{"inner_steps": 3, **changes})
 
 
-def test_round_then_paired_theta_outer_step(corpus):
-    trainer = Trainer(NodeConfig(**TINY), corpus, shard=0, sampler_seed=1)
+def test_round_then_paired_theta_outer_step(corpus, config):
+    trainer = Trainer(config(), corpus, shard=0, sampler_seed=1)
     phi0 = trainer.slow_weights.clone()
     stats = trainer.run_round()
     assert stats.steps == 3 and stats.tokens == 3 * 4 * 32 and np.isfinite(stats.mean_loss)
@@ -36,8 +34,8 @@ def test_round_then_paired_theta_outer_step(corpus):
     torch.testing.assert_close(torch.from_numpy(trainer.outgoing_tensors()["theta"].copy()), want_phi)
 
 
-def test_gamma_not_beta_sends_phi_and_delta_and_uses_full_form(corpus):
-    trainer = Trainer(NodeConfig(**TINY, gamma=0.5), corpus, shard=1, sampler_seed=2)
+def test_gamma_not_beta_sends_phi_and_delta_and_uses_full_form(corpus, config):
+    trainer = Trainer(config(gamma=0.5), corpus, shard=1, sampler_seed=2)
     assert trainer.tensor_names() == ("phi", "delta_update")
     phi0 = trainer.slow_weights.clone()
     trainer.run_round()
@@ -51,8 +49,8 @@ def test_gamma_not_beta_sends_phi_and_delta_and_uses_full_form(corpus):
     torch.testing.assert_close(trainer.slow_weights, want_phi)
 
 
-def test_local_outer_step_and_eval_of_slow_weights(corpus):
-    trainer = Trainer(NodeConfig(**TINY), corpus, shard=0, sampler_seed=3)
+def test_local_outer_step_and_eval_of_slow_weights(corpus, config):
+    trainer = Trainer(config(), corpus, shard=0, sampler_seed=3)
     before = trainer.evaluate()
     for _ in range(3):
         trainer.run_round()
@@ -92,12 +90,12 @@ def _interrupt_after(trainer: Trainer, steps: int) -> None:
 
 
 @pytest.mark.parametrize("cut_at_step", [3, 5, 7])  # a round boundary (3 = 1 round) and mid-round cuts
-def test_stop_checkpoint_resume_continues_step_for_step(corpus, tmp_path, cut_at_step):
+def test_stop_checkpoint_resume_continues_step_for_step(corpus, config, tmp_path, cut_at_step):
     """Stopped after any inner step, checkpointed to disk and resumed in a fresh trainer, training
     continues bit-identically to an uninterrupted run: same losses at every step, same final state."""
     from node.train.checkpoint import load_latest, save_checkpoint
 
-    cfg = NodeConfig(**TINY)
+    cfg = config()
     reference = Trainer(cfg, corpus, shard=0, sampler_seed=5)
     want_losses = _run_rounds(reference, 4)
 
@@ -130,11 +128,11 @@ def test_stop_checkpoint_resume_continues_step_for_step(corpus, tmp_path, cut_at
     assert resumed.global_step == reference.global_step == 12
 
 
-def test_adopt_takes_the_donors_slow_state_and_step(corpus):
-    donor = Trainer(NodeConfig(**TINY), corpus, shard=0, sampler_seed=1)
+def test_adopt_takes_the_donors_slow_state_and_step(corpus, config):
+    donor = Trainer(config(), corpus, shard=0, sampler_seed=1)
     _run_rounds(donor, 2)
     slow, momentum, step = donor.slow_state()
-    joiner = Trainer(NodeConfig(**TINY), corpus, shard=1, sampler_seed=2)
+    joiner = Trainer(config(), corpus, shard=1, sampler_seed=2)
     joiner.adopt(slow.copy(), momentum.copy(), step)
     assert joiner.global_step == step == 6 and joiner.step_in_round == 0
     assert torch.equal(joiner.slow_weights, donor.slow_weights)
@@ -143,10 +141,10 @@ def test_adopt_takes_the_donors_slow_state_and_step(corpus):
         joiner.adopt(slow[:10].copy(), momentum[:10].copy(), step)
 
 
-def test_inner_steps_leave_the_slow_weights_alone(corpus):
+def test_inner_steps_leave_the_slow_weights_alone(corpus, config):
     """φ is fixed during a round: Δ = θ − φ must be the round's whole update (regression: the
     parameters once aliased φ's storage, so every inner step rewrote φ and Δ was always 0)."""
-    trainer = Trainer(NodeConfig(**TINY), corpus, shard=0, sampler_seed=4)
+    trainer = Trainer(config(), corpus, shard=0, sampler_seed=4)
     for _ in range(2):
         phi = trainer.slow_weights.clone()
         trainer.run_round()
