@@ -56,10 +56,6 @@ class NodeProcess:
             pass
         return self.status
 
-    def kill_group(self) -> None:
-        """SIGKILL the node and everything in its process group (its p2pd), not only the Python process."""
-        procs.kill_group(self.process)  # started with start_new_session: it leads its group
-
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

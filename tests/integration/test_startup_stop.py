@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from node.net.p2pd import start_p2p
+from node.tools.procs import p2pd_children
 from node.workdir import is_locked
 from tests.integration.conftest import TINY, gossiptrain, poll, processes_mentioning, stop
 
@@ -55,21 +56,6 @@ def test_stop_signal_while_waiting_for_a_peers_file(tmp_path):
         poll(lambda: (tmp_path / "node" / ".lock").exists(), timeout=60, what="the node to claim its work dir")
         output = stop(node, timeout=30)
     assert node.returncode == 0 and "stopped while starting" in output, output[-2000:]
-
-
-def p2pd_children() -> list[int]:
-    """p2pd processes started by this (the test) process."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            name, ppid = stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
-            if name == "p2pd" and ppid == os.getpid():
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize("cancel_after", [0.0, 0.01, 0.03, 0.06])
