@@ -7,7 +7,6 @@ identity set-up, p2pd start-up, the DHT bootstrap and the model build.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from pathlib import Path
