@@ -1,0 +1,1 @@
+"""The `gossiptrain` command line: one verb per module, each a thin shell over the library."""

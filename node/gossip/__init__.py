@@ -1,0 +1,1 @@
+"""Random-pair gossip: whom to pair with (pure rules) and the pair exchange at each round boundary."""

@@ -1,0 +1,1 @@
+"""Operator commands as libraries: the swarm status client, preflight checks (doctor), run reports."""

@@ -1,0 +1,1 @@
+"""Local tools on top of the node: the multi-process swarm launcher, the chaos harness, process helpers."""
