@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protocol.records import MAX_STATUS_BYTES, InvalidRecord, NodeStatus
+
 logger = logging.getLogger(__name__)
 
 MAX_SLOTS = 256
@@ -100,10 +102,33 @@ def existing_work_dirs(template: str) -> list[Path]:
     return [d for d in candidates(template) if d.is_dir()]
 
 
-STATUS_FILE = "node.json"  # where this node is and how it is doing: read by the launcher, health, peers files
+STATUS_FILE = "node.json"  # NodeStatus: where this node is and how it is doing; read by launcher, health, peers files
 SUMMARY_FILE = "summary.json"  # written once, when the node has left
 HISTORY_FILE = "history.jsonl"  # one line per round, read by `gossiptrain report`
 CHECKPOINT_DIR = "checkpoints"
+
+
+class StatusUnreadable(RuntimeError):
+    """A node.json exists but cannot be read, or is not a node status (too large, not JSON, not a map)."""
+
+
+def read_status(directory: Path) -> NodeStatus:
+    """The node.json of a work dir, parsed as hostile input (a shared volume): a malformed field is unknown (None).
+
+    FileNotFoundError when there is none (yet); StatusUnreadable when it cannot be used.
+    """
+    path = directory / STATUS_FILE
+    try:
+        with open(path, "rb") as file:
+            text = file.read(MAX_STATUS_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise StatusUnreadable(str(error)) from error
+    try:
+        return NodeStatus.loads(text)
+    except InvalidRecord as error:
+        raise StatusUnreadable(str(error)) from error
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -126,8 +151,8 @@ class WorkDirFiles:
         """A node.json left by an earlier run (kill -9, a reused volume) must not tell others where we are."""
         self.status_path.unlink(missing_ok=True)
 
-    def write_status(self, status: dict[str, Any]) -> None:
-        write_json_atomic(self.status_path, status)
+    def write_status(self, status: NodeStatus) -> None:
+        write_json_atomic(self.status_path, status.to_wire())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.directory / SUMMARY_FILE, summary)

@@ -8,7 +8,6 @@ node running on this host (container) is checked. Exit 0 healthy, 1 not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -16,9 +15,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from protocol.records import NodeStatus
+
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
-from node.workdir import existing_work_dirs, is_locked, pid_namespace
+from node.workdir import STATUS_FILE, StatusUnreadable, existing_work_dirs, is_locked, pid_namespace, read_status
 
 METRICS_TIMEOUT = 5.0
 
@@ -31,13 +32,13 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=main)
 
 
-def _read_status(directory: Path) -> dict | str:
-    path = directory / "node.json"
+def _read_status(directory: Path) -> NodeStatus | str:
+    path = directory / STATUS_FILE
     try:
-        return json.loads(path.read_text())
+        return read_status(directory)
     except FileNotFoundError:
         return f"{path} does not exist (the node has not started yet)"
-    except (OSError, json.JSONDecodeError) as error:
+    except StatusUnreadable as error:
         return f"cannot read {path}: {error}"
 
 
@@ -49,9 +50,9 @@ def node_dirs(template: str) -> list[Path]:
     mine = []
     for directory in existing_work_dirs(template):
         status = _read_status(directory)
-        if not isinstance(status, dict) or not is_locked(directory):
+        if isinstance(status, str) or not is_locked(directory):
             continue
-        if status.get("hostname") == socket.gethostname() and status.get("pid_namespace") == pid_namespace():
+        if status.hostname == socket.gethostname() and status.pid_namespace == pid_namespace():
             mine.append(directory)
     return mine
 
@@ -60,28 +61,28 @@ def check_dir(directory: Path) -> tuple[bool, str]:
     status = _read_status(directory)
     if isinstance(status, str):
         return False, status
-    if status.get("status") not in ("joining", "running"):
-        return False, f"node status is {status.get('status')!r}"
-    pid = status.get("pid")
+    if status.status not in ("joining", "running"):
+        return False, f"node status is {status.status!r}"
+    pid = status.pid
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):
         return False, f"node process {pid} is gone (killed without a clean leave?)"
     except PermissionError:
         pass  # exists, owned by someone else
-    port = status.get("metrics_port")
+    port = status.metrics_port
     if not port:
-        return True, f"{directory}: round {status.get('round')} (metrics disabled)"
+        return True, f"{directory}: round {status.round} (metrics disabled)"
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as response:
             text = response.read().decode(errors="replace")
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         return False, f"{url} does not answer: {error}"
-    if f'peer_id="{status.get("peer_id")}"' not in text:
+    if f'peer_id="{status.peer_id}"' not in text:
         return False, f"{url} answers but is not this node's metrics endpoint"
     rounds = [int(float(line.split()[-1])) for line in text.splitlines() if line.startswith("gossiptrain_round ")]
-    return True, f"{status['status']}, round {rounds[0] if rounds else '?'}, peer {status.get('peer_id')}, {directory}"
+    return True, f"{status.status}, round {rounds[0] if rounds else '?'}, peer {status.peer_id}, {directory}"
 
 
 def check(template: str) -> tuple[bool, str]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import time
 from pathlib import Path
+
+from protocol.records import InvalidRecord, NodeStatus
 
 
 class PeersFileError(RuntimeError):
@@ -46,12 +47,12 @@ def read_peers_file(path: str | Path) -> list[str] | None:
         return None
     if stripped.startswith("{"):
         try:
-            status = json.loads(stripped)
-        except json.JSONDecodeError:
-            return None  # being rewritten (node.json is replaced atomically, but a copy may not be)
-        if not isinstance(status, dict) or status.get("status") != "running":
+            status = NodeStatus.loads(stripped)
+        except InvalidRecord:
+            return None  # being rewritten (node.json is replaced atomically, but a copy may not be), or not one
+        if status.status != "running":
             return None
-        maddrs = [m for m in status.get("maddrs", []) if isinstance(m, str) and m.startswith("/")]
+        maddrs = list(status.maddrs)  # multiaddrs only (the schema drops anything else)
     else:
         maddrs = [line.strip() for line in stripped.splitlines() if line.strip().startswith("/")]
     routable = [m for m in maddrs if not _is_loopback(m)]

@@ -18,6 +18,9 @@ from typing import Any, AsyncIterator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from protocol.records import InvalidRecord, Presence, check_peer_id
+
+from node.net.dht import DHTClient, DHTUnavailable, entries
 from node.net.p2pd import start_p2p
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class SwarmStatus:
     other_manifest: list[PeerStatus]  # live but running something else (cannot average with the swarm)
     left: list[str]  # peers whose last record says they left cleanly
     queried_at: float
+    malformed: int = 0  # records skipped as malformed (not shown)
 
     @property
     def flagged(self) -> dict[str, list[str]]:
@@ -122,67 +126,66 @@ async def _shutdown(p2p: P2P | None, dht: DHTNode | None) -> None:
 
 async def _get(dht: DHTNode, key: str) -> Any:
     try:
-        found = await asyncio.wait_for(dht.get(key, latest=True), READ_TIMEOUT)
-    except (asyncio.TimeoutError, TimeoutError):
-        raise SwarmUnreachable(f"DHT read of {key} timed out after {READ_TIMEOUT:.0f}s") from None
-    except Exception as error:  # noqa: BLE001
-        raise SwarmUnreachable(f"DHT read of {key} failed: {error}") from error
-    return None if found is None else found.value
+        return await DHTClient(dht, READ_TIMEOUT).fetch(key)
+    except DHTUnavailable as error:
+        raise SwarmUnreachable(f"DHT read of {key} {error.reason}") from error.__cause__
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def parse_presence(peer_id: str, value: Any, now: float) -> PeerStatus:
+    """One presence record, as hostile input (protocol/records.py): a missing or malformed field is unknown.
+
+    InvalidRecord if the record as a whole is malformed."""
+    return _peer_status(peer_id, Presence.from_wire(value), now)
 
 
-def _integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def parse_presence(peer_id: str, value: dict[str, Any], now: float) -> PeerStatus:
-    """One presence record, defensively: any field may be missing or of the wrong type (older nodes, bad peers)."""
-    published = _number(value.get("time"))
-    exchange = value.get("last_exchange") if isinstance(value.get("last_exchange"), dict) else {}
-    exchange_time = _number(exchange.get("time"))
-    exchanges = value.get("exchanges") if isinstance(value.get("exchanges"), dict) else {}
-    flagged = value.get("flagged") if isinstance(value.get("flagged"), list) else []
-    maddrs = value.get("maddrs") if isinstance(value.get("maddrs"), list) else []
+def _peer_status(peer_id: str, presence: Presence, now: float) -> PeerStatus:
+    report = presence.report
+    published = report.time
+    exchange_time = report.last_exchange.time if report.last_exchange is not None else None
     return PeerStatus(
         peer_id=peer_id,
-        round=_integer(value.get("round")),
-        manifest=value.get("manifest") if isinstance(value.get("manifest"), str) else None,
+        round=presence.round,
+        manifest=presence.manifest,
         age_seconds=max(0.0, now - published) if published is not None else math.nan,
-        eval_loss=_number(value.get("eval_loss")),
-        train_loss=_number(value.get("train_loss")),
-        tokens_per_second=_number(value.get("tokens_per_second")),
-        rounds_done=_integer(value.get("rounds_done")),
-        version=value.get("version") if isinstance(value.get("version"), str) else None,
-        last_exchange_partner=exchange.get("partner") if isinstance(exchange.get("partner"), str) else None,
+        eval_loss=presence.eval_loss,
+        train_loss=report.train_loss,
+        tokens_per_second=report.tokens_per_second,
+        rounds_done=report.rounds_done,
+        version=report.version,
+        last_exchange_partner=report.last_exchange.partner if report.last_exchange is not None else None,
         last_exchange_age=(now - exchange_time) if exchange_time is not None and published is not None
         else None,
-        exchanges={k: int(v) for k, v in exchanges.items() if isinstance(k, str) and _integer(v) is not None},
-        flagged=[p for p in flagged if isinstance(p, str)],
+        exchanges=dict(report.exchanges),
+        flagged=list(report.flagged),
         clock_offset=(published - now) if published is not None else None,
-        maddrs=[m for m in maddrs if isinstance(m, str)],
+        maddrs=list(presence.maddrs),
     )
 
 
 async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
     """The swarm's manifest and every live presence record, split by whether it runs the swarm's manifest."""
     manifest = await _get(dht, f"{run_id}.manifest")
-    entries = await _get(dht, f"{run_id}.peers")
+    found = await _get(dht, f"{run_id}.peers")
     now = time.time()
-    peers, other, left = [], [], []
-    for peer_id, entry in (entries or {}).items() if isinstance(entries, dict) else ():
-        value = getattr(entry, "value", None)
-        if not isinstance(peer_id, str) or not isinstance(value, dict) or entry.expiration_time < now - CLOCK_SLACK:
+    peers, other, left, malformed = [], [], [], 0
+    for entry in entries(found):
+        if entry.expiration < now - CLOCK_SLACK:
             continue
-        if value.get("left"):
+        try:
+            peer_id = check_peer_id(entry.subkey, "subkey")
+            presence = Presence.from_wire(entry.value)
+        except InvalidRecord as error:
+            malformed += 1
+            logger.debug("skipping a malformed presence record under %.60r: %s", entry.subkey, error)
+            continue
+        if presence.left:
             left.append(peer_id)
             continue
-        status = parse_presence(peer_id, value, now)
+        status = _peer_status(peer_id, presence, now)
         (peers if manifest is None or status.manifest == manifest else other).append(status)
     peers.sort(key=lambda p: p.peer_id)
-    swarm = SwarmStatus(run_id, manifest if isinstance(manifest, str) else None, peers, other, sorted(left), now)
+    swarm = SwarmStatus(run_id, manifest if isinstance(manifest, str) else None, peers, other, sorted(left), now,
+                        malformed)
     flagged = swarm.flagged
     for peer in peers:
         peer.flagged_by = flagged.get(peer.peer_id, [])
