@@ -24,6 +24,7 @@ from typing import Any, Callable
 from hivemind.dht.node import DHTNode
 
 from protocol import PROTOCOL_VERSION, manifest_hash
+from protocol.records import MAX_FLAGGED, LastExchange, NodeStatus, Report
 from protocol.verification import Tolerances
 
 from node import __version__
@@ -32,11 +33,12 @@ from node.gossip.exchange import Gossip, GossipSettings
 from node.join.peers_file import PeersFileError, wait_for_peers_file
 from node.join.plan import StartMode
 from node.join.procedure import JoinError, Joiner
-from node.join.statesync import DonorState, StateServer, StateSyncSettings
+from node.join.statesync import DonorState, StateServer
 from node.metrics import NodeMetrics, counts_by_label
 from node.net.identity import Identity, IdentityError
 from node.net.membership import DHTUnavailable, Membership
 from node.net.p2pd import start_p2p
+from node.net.stream_service import StreamSettings
 from node.round import Progress, Rounds
 from node.tasks import BackgroundTasks
 from node.train.checkpoint import save_checkpoint
@@ -51,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
 PEERS_FILE_TIMEOUT = 300.0  # how long a node started with --initial-peers-file waits for a running peer
-MAX_FLAGGED_PUBLISHED = 32  # flagged peer ids carried in the presence record (for `gossiptrain status`)
 
 
 class StartupError(RuntimeError):
@@ -188,21 +189,15 @@ class Node:
                 "(pick another --metrics-port, 0 for a free one, -1 to disable)"
             ) from error
 
+        stream = StreamSettings.from_config(cfg, self.manifest_hash, self.trainer.numel)
         self.gossip = Gossip(
             self.p2p, self.membership, self.metrics,
-            GossipSettings(
-                run_id=cfg.run_id, manifest_hash=self.manifest_hash, numel=self.trainer.numel,
-                tensor_names=self.trainer.tensor_names(), max_staleness=cfg.max_staleness,
-                io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
-            ),
+            GossipSettings(stream, tensor_names=self.trainer.tensor_names(), max_staleness=cfg.max_staleness),
             random.Random(digest),
             self.background,
         )
         await self.gossip.start()
-        self.state_settings = StateSyncSettings(
-            run_id=cfg.run_id, manifest_hash=self.manifest_hash, numel=self.trainer.numel,
-            io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
-        )
+        self.state_settings = stream  # state sync needs nothing more
         self.state_server = StateServer(self.p2p, self.state_settings, self.metrics, self._donor_state, cfg.max_uploads)
         await self.state_server.start()
         self.verification: Verification | None = None
@@ -211,11 +206,9 @@ class Node:
             self.verification = Verification(
                 self.p2p, self.membership, self.metrics, self.identity,
                 VerifySettings(
-                    run_id=cfg.run_id, manifest_hash=self.manifest_hash, numel=self.trainer.numel,
-                    inner_steps=cfg.inner_steps, rate=cfg.verify_rate,
+                    stream, inner_steps=cfg.inner_steps, rate=cfg.verify_rate,
                     tolerances=Tolerances(cfg.verify_max_hamming, cfg.verify_max_rel_l2, cfg.verify_max_norm_ratio),
                     vote_timeout=cfg.vote_timeout, audit_window=cfg.audit_window, record_ttl=cfg.verify_record_ttl,
-                    io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
                     lsh_seed=int.from_bytes(bytes.fromhex(self.manifest_hash[:16]), "big"),
                 ),
                 self.trainer, replayer, self._compute, self.background,
@@ -354,16 +347,17 @@ class Node:
                 pass
         logger.info("%d peers live: starting to train", len(self.membership.live))
 
-    def _presence_extra(self) -> dict[str, Any]:
+    def _presence_extra(self) -> Report:
         """What `gossiptrain status` and `doctor` read from our presence record, besides round and eval loss."""
-        flagged = sorted(self.verification.flagged)[:MAX_FLAGGED_PUBLISHED] if self.verification is not None else []
-        return {
-            "time": time.time(),  # our wall clock when published: `gossiptrain doctor` estimates clock skew from it
-            "version": __version__, "started": self.started_at, "rounds_done": self.progress.rounds_done,
-            "train_loss": self.progress.train_loss, "tokens_per_second": self.progress.tokens_per_second,
-            "last_exchange": self.progress.last_exchange, "exchanges": counts_by_label(self.metrics.exchanges, "result"),
-            "flagged": flagged,
-        }
+        flagged = sorted(self.verification.flagged)[:MAX_FLAGGED] if self.verification is not None else []
+        last = self.progress.last_exchange
+        return Report(
+            time=time.time(),  # our wall clock when published: `gossiptrain doctor` estimates clock skew from it
+            version=__version__, started=self.started_at, rounds_done=self.progress.rounds_done,
+            train_loss=self.progress.train_loss, tokens_per_second=self.progress.tokens_per_second,
+            last_exchange=LastExchange(last["time"], last["partner"]) if last is not None else None,
+            exchanges=counts_by_label(self.metrics.exchanges, "result"), flagged=tuple(flagged),
+        )
 
     def _record_history(self, round_info: dict[str, Any] | None) -> None:
         """One line of history.jsonl (read by `gossiptrain report`)."""
@@ -469,11 +463,12 @@ class Node:
         }
 
     def _write_status(self, status: str) -> None:
-        self.files.write_status({
-            "status": status, "peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(),
-            "metrics_port": self.metrics_port, "hostname": socket.gethostname(), "pid_namespace": pid_namespace(),
-            "work_dir": str(self.work_dir),
-            "run_id": self.cfg.run_id, "manifest": self.manifest_hash, "parameters": self.trainer.numel, "start": self.start_mode.value if self.start_mode else None,
-            "start_detail": self.start_detail, "round": self.progress.round,
-            "initial_eval_loss": self.progress.initial_eval_loss,
-        })
+        self.files.write_status(NodeStatus(
+            status=status, peer_id=self.peer_id, maddrs=tuple(self.maddrs), pid=os.getpid(),
+            metrics_port=self.metrics_port, hostname=socket.gethostname(), pid_namespace=pid_namespace(),
+            work_dir=str(self.work_dir),
+            run_id=self.cfg.run_id, manifest=self.manifest_hash, parameters=self.trainer.numel,
+            start=self.start_mode.value if self.start_mode else None,
+            start_detail=self.start_detail, round=self.progress.round,
+            initial_eval_loss=self.progress.initial_eval_loss,
+        ))

@@ -72,15 +72,11 @@ class DownloadFailed(RuntimeError):
 
 
 def _settings(numel: int):
-    """What a node with the default configuration uses (node/daemon.py builds the same from NodeConfig)."""
+    """What a node with the default configuration uses (built as node/daemon.py builds it from NodeConfig)."""
     from node.config import NodeConfig
-    from node.join.statesync import StateSyncSettings
+    from node.net.stream_service import StreamSettings
 
-    cfg = NodeConfig()
-    return StateSyncSettings(
-        run_id=RUN_ID, manifest_hash=MANIFEST_HASH, numel=numel,
-        io_timeout=cfg.io_timeout, max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
-    )  # fmt: skip
+    return StreamSettings.from_config(NodeConfig(run_id=RUN_ID), MANIFEST_HASH, numel)
 
 
 def _download_timeout(numel: int) -> float:

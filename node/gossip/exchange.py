@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from protocol import (
     ExchangeAccept,
@@ -38,6 +38,7 @@ from node.net.membership import Membership
 from node.metrics import NodeMetrics
 from node.gossip.pairing import PairingState, choose_partner, could_pair, refusal_reason
 from node.tasks import BackgroundTasks
+from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from node.net.streams import FrameStream, PeerTimeout
 
 logger = logging.getLogger(__name__)
@@ -56,14 +57,9 @@ class SyncOutcome:
 
 @dataclass(frozen=True)
 class GossipSettings:
-    run_id: str
-    manifest_hash: str
-    numel: int
+    stream: StreamSettings
     tensor_names: tuple[str, ...]
     max_staleness: int
-    io_timeout: float
-    max_frame_bytes: int
-    chunk_bytes: int
 
 
 def classify_failure(error: BaseException) -> str:
@@ -111,26 +107,20 @@ class Gossip:
         self.background = background
         # peers never paired with (flagged by verifiers): set by the daemon when verification is on
         self.excluded: Callable[[], set[str]] = set
+        self.service = StreamService(p2p, EXCHANGE_PROTOCOL, ExchangeRequest, settings.stream, metrics, "exchange",
+                                     serve=self._serve_request, failed=self._incoming_failed,
+                                     closed=self._incoming_closed)
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(EXCHANGE_PROTOCOL, self._handle_stream)
+        await self.service.start()
 
     def stop(self) -> None:
         """Leaving: refuse new requests, end the partner search now (an exchange under way finishes)."""
         self.stopping = True
         self._wakeup.set()
 
-    def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameStream:
-        return FrameStream(
-            reader, writer,
-            max_frame_bytes=self.settings.max_frame_bytes,
-            io_timeout=self.settings.io_timeout,
-            on_sent=self.metrics.bytes_sent.labels(kind="exchange").inc,
-            on_received=self.metrics.bytes_received.labels(kind="exchange").inc,
-        )
-
     def _expected_specs(self) -> list:
-        return [flat_spec(name, self.settings.numel) for name in self.settings.tensor_names]
+        return [flat_spec(name, self.settings.stream.numel) for name in self.settings.tensor_names]
 
     @property
     def _in_exchange(self) -> bool:
@@ -197,7 +187,7 @@ class Gossip:
         if incoming is None or incoming.done():
             return
         if self._incoming_confirming:
-            await asyncio.wait({incoming}, timeout=self.settings.io_timeout)
+            await asyncio.wait({incoming}, timeout=self.settings.stream.io_timeout)
         if not incoming.done():
             incoming.cancel()
             await asyncio.gather(incoming, return_exceptions=True)
@@ -222,16 +212,13 @@ class Gossip:
         self._requesting = partner
         stream: FrameStream | None = None
         started = time.monotonic()
+        wire = self.settings.stream
         try:
             async with asyncio.timeout(remaining):
-                _info, reader, writer = await asyncio.wait_for(
-                    self.p2p.call_binary_stream_handler(PeerID.from_base58(partner), EXCHANGE_PROTOCOL),
-                    self.settings.io_timeout,
-                )
-                stream = self._stream(reader, writer)
+                stream = await open_stream(self.p2p, partner, EXCHANGE_PROTOCOL, wire, self.metrics, "exchange")
                 await stream.send(ExchangeRequest(
-                    run_id=self.settings.run_id, manifest_hash=self.settings.manifest_hash, round=round_,
-                    sender=self.peer_id, tensors=self.settings.tensor_names, numel=self.settings.numel,
+                    run_id=wire.run_id, manifest_hash=wire.manifest_hash, round=round_,
+                    sender=self.peer_id, tensors=self.settings.tensor_names, numel=wire.numel,
                     dtype="float32",
                 ))
                 reply = await stream.recv((ExchangeAccept, ExchangeReject))
@@ -243,10 +230,9 @@ class Gossip:
                 if abs(reply.round - round_) > self.settings.max_staleness:
                     raise InvalidField(f"partner accepted with round {reply.round}, ours is {round_}")
                 self._requesting, self._outgoing_exchange = None, True
-                received = await transfer_tensors(
-                    stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes)
+                received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
             # not cut by the deadline (both sides must agree on the outcome), bounded by one I/O timeout
-            await asyncio.wait_for(confirm(stream), self.settings.io_timeout)
+            await asyncio.wait_for(confirm(stream), wire.io_timeout)
             self._record_success(started)
             return received, reply.round
         except ProtocolError as error:
@@ -275,65 +261,58 @@ class Gossip:
         self._record_failure(peer, error)
 
     # ------------------------------------------------------------------ incoming requests
-    async def _handle_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = self._stream(reader, writer)
-        sender = info.peer_id.to_base58()  # authenticated by libp2p, unlike any field in the request
-        exchange: asyncio.Task | None = None
+    async def _serve_request(self, incoming: Incoming, request: ExchangeRequest) -> None:
+        """A request from its authenticated sender (StreamService counts, reports and closes)."""
+        self._validate_request(request)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            round_ = self._round if self._round is not None else 0
+            await incoming.stream.send(ExchangeReject(reason=refusal, round=round_))
+            return
+        exchange = incoming.task = self._incoming_task = asyncio.ensure_future(
+            self._serve_exchange(incoming.stream, incoming.peer, request.round, self._paired)
+        )
         try:
-            request = await stream.recv(ExchangeRequest)
-            self._validate_request(request, sender)
-            refusal = self._refusal(request)
-            if refusal is not None:
-                await stream.send(ExchangeReject(reason=refusal, round=self._round if self._round is not None else 0))
-                return
-            exchange = self._incoming_task = asyncio.ensure_future(
-                self._serve_exchange(stream, sender, request.round, self._paired)
-            )
             await exchange
-        except ProtocolError as error:
-            if exchange is not None:
-                self._record_protocol_error(sender, error)
-            else:
-                self.metrics.protocol_errors.labels(kind=error.kind).inc()
-                logger.warning("protocol error from %s: %s", sender[-8:], error)
-            if not isinstance(error, TruncatedFrame):
-                await stream.send_error(error)
         except asyncio.CancelledError:
-            if exchange is None or not exchange.cancelled() or asyncio.current_task().cancelling():
+            if not exchange.cancelled() or asyncio.current_task().cancelling():
                 raise  # we are shutting down, not just abandoning this exchange
             self.metrics.exchanges.labels(result="timeout").inc()
-        except Exception as error:  # noqa: BLE001 - peer gone / timeout; the node carries on
-            if exchange is not None:
-                self._record_failure(sender, error)
-            else:
-                logger.debug("incoming stream from %s failed before a request: %s", sender[-8:], error)
-        finally:
-            stream.close()
-            if exchange is not None and self._incoming_task is exchange:
-                self._incoming_task, self._incoming_confirming = None, False
-            self._wakeup.set()
+
+    def _incoming_failed(self, incoming: Incoming, error: Exception) -> None:
+        if incoming.task is not None:  # the exchange had started
+            self._record_failure(incoming.peer, error)
+        elif isinstance(error, ProtocolError):
+            logger.warning("protocol error from %s: %s", incoming.peer[-8:], error)
+        else:  # peer gone / timeout
+            logger.debug("incoming stream from %s failed before a request: %s", incoming.peer[-8:], error)
+
+    def _incoming_closed(self, incoming: Incoming) -> None:
+        if incoming.task is not None and self._incoming_task is incoming.task:
+            self._incoming_task, self._incoming_confirming = None, False
+        self._wakeup.set()
 
     async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future) -> None:
         started = time.monotonic()
         await stream.send(ExchangeAccept(round=self._round))
         remaining = max(0.0, self._deadline - time.monotonic())
+        chunk_bytes = self.settings.stream.chunk_bytes
         received = await asyncio.wait_for(
-            transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.chunk_bytes), remaining
+            transfer_tensors(stream, self._outgoing, self._expected_specs(), chunk_bytes), remaining
         )
         self._incoming_confirming = True
-        await asyncio.wait_for(confirm(stream), self.settings.io_timeout)
+        await asyncio.wait_for(confirm(stream), self.settings.stream.io_timeout)
         self._record_success(started)
         if not paired.done():
             paired.set_result((sender, received, their_round))
 
-    def _validate_request(self, request: ExchangeRequest, sender: str) -> None:
+    def _validate_request(self, request: ExchangeRequest) -> None:
         """A request for tensors this run does not have is malformed input, not a polite refusal."""
-        if request.sender != sender:
-            raise InvalidField(f"request claims sender {request.sender[:16]!r} but came from {sender}")
+        numel = self.settings.stream.numel
         if request.dtype != "float32":
             raise TensorDtypeMismatch(f"exchange dtype {request.dtype!r} is not float32")
-        if request.numel != self.settings.numel:
-            raise TensorShapeMismatch(f"exchange of {request.numel} parameters, this model has {self.settings.numel}")
+        if request.numel != numel:
+            raise TensorShapeMismatch(f"exchange of {request.numel} parameters, this model has {numel}")
         if tuple(request.tensors) != self.settings.tensor_names:
             raise InvalidField(f"tensors {list(request.tensors)} != {list(self.settings.tensor_names)}")
 
@@ -350,5 +329,6 @@ class Gossip:
         )
         if request.sender in self.excluded():
             return "flagged"
-        same_manifest = request.run_id == self.settings.run_id and request.manifest_hash == self.settings.manifest_hash
+        wire = self.settings.stream
+        same_manifest = request.run_id == wire.run_id and request.manifest_hash == wire.manifest_hash
         return refusal_reason(state, request.sender, request.round, same_manifest, self.settings.max_staleness)

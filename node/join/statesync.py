@@ -25,10 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from protocol import (
-    ExchangeAck,
     ExchangeReject,
     InvalidField,
     ProtocolError,
@@ -36,12 +35,12 @@ from protocol import (
     StateRequest,
     TensorDtypeMismatch,
     TensorShapeMismatch,
-    TruncatedFrame,
+    TensorSpec,
 )
 
-from node.net.tensor_stream import flat_spec, receive_tensors, send_tensors
+from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
 from node.metrics import NodeMetrics
-from node.net.streams import FrameStream
+from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +49,7 @@ STATE_TENSORS = ("phi", "momentum")
 RETRY_PAUSE = 1.0  # between two passes over the donor list
 
 
-@dataclass(frozen=True)
-class StateSyncSettings:
-    run_id: str
-    manifest_hash: str
-    numel: int
-    io_timeout: float
-    max_frame_bytes: int
-    chunk_bytes: int
+StateSyncSettings = StreamSettings  # state sync needs nothing beyond the settings every stream protocol shares
 
 
 @dataclass(frozen=True)
@@ -92,13 +84,6 @@ class DonorRefused(RuntimeError):
         self.reason = reason
 
 
-def _stream(reader, writer, settings: StateSyncSettings, metrics: NodeMetrics) -> FrameStream:
-    return FrameStream(
-        reader, writer, max_frame_bytes=settings.max_frame_bytes, io_timeout=settings.io_timeout,
-        on_sent=metrics.bytes_sent.labels(kind="state").inc, on_received=metrics.bytes_received.labels(kind="state").inc,
-    )
-
-
 class StateServer:
     """Serves this node's state to joiners (registered on every node once it has a state)."""
 
@@ -115,9 +100,11 @@ class StateServer:
         self.max_uploads = max_uploads
         self.uploads = 0
         self.stopping = False
+        self.service = StreamService(p2p, STATE_PROTOCOL, StateRequest, settings, metrics, "state",
+                                     serve=self._serve, failed=self._failed)
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(STATE_PROTOCOL, self._handle)
+        await self.service.start()
 
     def _refusal(self, request: StateRequest) -> str | None:
         if request.run_id != self.settings.run_id or request.manifest_hash != self.settings.manifest_hash:
@@ -128,75 +115,59 @@ class StateServer:
             return "busy"
         return None
 
-    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = _stream(reader, writer, self.settings, self.metrics)
-        sender = info.peer_id.to_base58()  # authenticated by libp2p
-        uploads = self.metrics.state_uploads
+    async def _serve(self, incoming: Incoming, request: StateRequest) -> None:
+        """A request from its authenticated sender (StreamService counts, reports and closes)."""
+        state = self.get_state()
+        reason = self._refusal(request) or (None if state is not None else "no_state")
+        if reason is not None:
+            await incoming.stream.send(ExchangeReject(reason=reason, round=state.round if state else 0))
+            self.metrics.state_uploads.labels(result="refused").inc()
+            return
+        self.uploads += 1
         try:
-            request = await stream.recv(StateRequest)
-            if request.sender != sender:
-                raise InvalidField(f"request claims sender {request.sender[:16]!r} but came from {sender}")
-            state = self.get_state()
-            reason = self._refusal(request) or (None if state is not None else "no_state")
-            if reason is not None:
-                await stream.send(ExchangeReject(reason=reason, round=state.round if state else 0))
-                uploads.labels(result="refused").inc()
-                return
-            self.uploads += 1
-            try:
-                started = time.monotonic()
-                await stream.send(StateOffer(
-                    round=state.round, global_step=state.global_step, manifest_hash=self.settings.manifest_hash,
-                    tensors=STATE_TENSORS, numel=self.settings.numel, dtype="float32",
-                ))
-                await send_tensors(stream, {"phi": state.slow, "momentum": state.momentum}, self.settings.chunk_bytes)
-                await stream.recv(ExchangeAck)
-            finally:
-                self.uploads -= 1
-            uploads.labels(result="ok").inc()
-            logger.info("sent state of round %d to joiner %s in %.2fs", state.round, sender[-8:],
-                        time.monotonic() - started)
-        except ProtocolError as error:
-            self.metrics.protocol_errors.labels(kind=error.kind).inc()
-            uploads.labels(result="failed").inc()
-            logger.warning("state request from %s: protocol error: %s", sender[-8:], error)
-            if not isinstance(error, TruncatedFrame):
-                await stream.send_error(error)
-        except Exception as error:  # noqa: BLE001 - the joiner vanished or stalled; it will ask someone else
-            uploads.labels(result="failed").inc()
-            logger.info("state upload to %s failed: %s", sender[-8:], error or type(error).__name__)
+            started = time.monotonic()
+            offer = StateOffer(
+                round=state.round, global_step=state.global_step, manifest_hash=self.settings.manifest_hash,
+                tensors=STATE_TENSORS, numel=self.settings.numel, dtype="float32",
+            )
+            tensors = {"phi": state.slow, "momentum": state.momentum}
+            await offer_tensors(incoming.stream, offer, tensors, self.settings.chunk_bytes)
         finally:
-            stream.close()
+            self.uploads -= 1
+        self.metrics.state_uploads.labels(result="ok").inc()
+        logger.info("sent state of round %d to joiner %s in %.2fs", state.round, incoming.peer[-8:],
+                    time.monotonic() - started)
+
+    def _failed(self, incoming: Incoming, error: Exception) -> None:
+        self.metrics.state_uploads.labels(result="failed").inc()
+        if isinstance(error, ProtocolError):
+            logger.warning("state request from %s: protocol error: %s", incoming.peer[-8:], error)
+        else:  # the joiner vanished or stalled; it will ask someone else
+            logger.info("state upload to %s failed: %s", incoming.peer[-8:], error or type(error).__name__)
+
+
+def _check_offer(offer: StateOffer, settings: StateSyncSettings) -> list[TensorSpec]:
+    """The offer, checked before accepting a single byte of tensor data; the tensors to receive."""
+    if offer.manifest_hash != settings.manifest_hash:
+        raise InvalidField(f"donor offers state of manifest {offer.manifest_hash[:12]}, ours is "
+                           f"{settings.manifest_hash[:12]}")
+    if tuple(offer.tensors) != STATE_TENSORS:
+        raise InvalidField(f"donor offers tensors {list(offer.tensors)}, expected {list(STATE_TENSORS)}")
+    if offer.numel != settings.numel:
+        raise TensorShapeMismatch(f"donor offers {offer.numel} parameters, this model has {settings.numel}")
+    if offer.dtype != "float32":
+        raise TensorDtypeMismatch(f"donor offers dtype {offer.dtype!r}, expected float32")
+    return [flat_spec(name, settings.numel) for name in STATE_TENSORS]
 
 
 async def _fetch(
     p2p: P2P, donor: str, settings: StateSyncSettings, metrics: NodeMetrics, me: str, buffers: dict[str, bytearray]
 ) -> tuple[StateOffer, dict[str, np.ndarray]]:
-    _info, reader, writer = await asyncio.wait_for(
-        p2p.call_binary_stream_handler(PeerID.from_base58(donor), STATE_PROTOCOL), settings.io_timeout)
-    stream = _stream(reader, writer, settings, metrics)
+    stream = await open_stream(p2p, donor, STATE_PROTOCOL, settings, metrics, "state")
     try:
-        await stream.send(StateRequest(run_id=settings.run_id, manifest_hash=settings.manifest_hash, sender=me))
-        reply = await stream.recv((StateOffer, ExchangeReject))
-        if isinstance(reply, ExchangeReject):
-            raise DonorRefused(reply.reason)
-        # check the offer before accepting a single byte of tensor data
-        if reply.manifest_hash != settings.manifest_hash:
-            raise InvalidField(f"donor offers state of manifest {reply.manifest_hash[:12]}, ours is "
-                               f"{settings.manifest_hash[:12]}")
-        if tuple(reply.tensors) != STATE_TENSORS:
-            raise InvalidField(f"donor offers tensors {list(reply.tensors)}, expected {list(STATE_TENSORS)}")
-        if reply.numel != settings.numel:
-            raise TensorShapeMismatch(f"donor offers {reply.numel} parameters, this model has {settings.numel}")
-        if reply.dtype != "float32":
-            raise TensorDtypeMismatch(f"donor offers dtype {reply.dtype!r}, expected float32")
-        specs = [flat_spec(name, settings.numel) for name in STATE_TENSORS]
-        received = await receive_tensors(stream, specs, buffers)
-        try:  # everything arrived and checked out: the ack only tells the donor it may close
-            await stream.send(ExchangeAck(ok=True, reason=""))
-        except Exception as error:  # noqa: BLE001 - the state is complete either way
-            logger.debug("state ack to %s failed: %s", donor[-8:], error)
-        return reply, received
+        request = StateRequest(run_id=settings.run_id, manifest_hash=settings.manifest_hash, sender=me)
+        return await request_tensors(stream, request, StateOffer, lambda offer: _check_offer(offer, settings),
+                                     DonorRefused, buffers)
     finally:
         stream.close()
 

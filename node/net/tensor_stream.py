@@ -1,18 +1,28 @@
-"""The pair exchange itself: both sides stream their tensors full duplex, then confirm.
+"""Tensor transfers over a FrameStream: the pair exchange and the offered download.
 
-Used by the gossip round (node/gossip/exchange.py) and by `gossiptrain bench exchange`, so the
-benchmark measures exactly the code path that training uses.
+The pair exchange (swap_tensors: both sides stream their tensors full duplex, then confirm) is
+used by the gossip round (node/gossip/exchange.py) and by `gossiptrain bench exchange`, so the
+benchmark measures exactly the code path that training uses. The offered download
+(request_tensors / offer_tensors: request, offer or reject, the tensors one way, an ack) is
+state sync's (node/join/statesync.py) and the audits' (node/verify/service.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
-from protocol import ExchangeAck, TensorAssembler, TensorSpec, tensor_messages
+from protocol import ExchangeAck, ExchangeReject, Message, TensorAssembler, TensorSpec, tensor_messages
 
 from node.net.streams import FrameStream
+
+logger = logging.getLogger(__name__)
+
+Offer = TypeVar("Offer", bound=Message)
 
 
 class ExchangeAborted(RuntimeError):
@@ -92,3 +102,41 @@ async def swap_tensors(
     received = await transfer_tensors(stream, outgoing, expected, chunk_bytes)
     await confirm(stream)
     return received
+
+
+async def offer_tensors(stream: FrameStream, offer: Message, tensors: dict[str, np.ndarray], chunk_bytes: int) -> None:
+    """Serve a download: the offer, then each tensor without waiting, then wait for the requester's ack.
+
+    (Closing right after the last write could cut the stream's tail inside a relay such as p2pd,
+    and the ack tells a completed upload from one abandoned mid-way.)
+    """
+    await stream.send(offer)
+    await send_tensors(stream, tensors, chunk_bytes)
+    await stream.recv(ExchangeAck)
+
+
+async def request_tensors(
+    stream: FrameStream,
+    request: Message,
+    offer_type: type[Offer],
+    check_offer: Callable[[Offer], list[TensorSpec]],
+    refused: Callable[[str], Exception],
+    buffers: dict[str, bytearray] | None = None,
+) -> tuple[Offer, dict[str, np.ndarray]]:
+    """Download what a peer offers: (its offer, the tensors). The caller closes the stream.
+
+    Sends `request`; an ExchangeReject raises `refused(reason)`; `check_offer` refuses a bad offer
+    (raising a ProtocolError) before a single tensor byte is read and returns the specs to receive,
+    in order (into `buffers` where given). The ack afterwards is best effort: the download is
+    complete either way.
+    """
+    await stream.send(request)
+    reply = await stream.recv((offer_type, ExchangeReject))
+    if isinstance(reply, ExchangeReject):
+        raise refused(reply.reason)
+    received = await receive_tensors(stream, check_offer(reply), buffers)
+    try:  # everything arrived and checked out: the ack only tells the peer it may close
+        await stream.send(ExchangeAck(ok=True, reason=""))
+    except Exception as error:  # noqa: BLE001 - the download is complete either way
+        logger.debug("ack of a complete %s download failed: %s", type(reply).__name__, error)
+    return reply, received

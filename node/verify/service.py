@@ -36,13 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.net import identity as ident
-from node.net.tensor_stream import flat_spec, receive_tensors, send_tensors
+from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
 from node.verify.lsh import UpdateSigner
-from node.net.membership import DHTUnavailable, Membership
+from node.net.dht import DHTUnavailable
+from node.net.membership import Membership
 from node.metrics import NodeMetrics
 from node.verify.replay import (
     Replayer,
@@ -54,17 +55,16 @@ from node.verify.replay import (
 )
 from node.tasks import BackgroundTasks
 from node.train.trainer import START_TENSORS, RoundStart, Trainer
-from node.net.streams import FrameStream
+from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from protocol import (
     AuditOffer,
     AuditRequest,
-    ExchangeAck,
     ExchangeReject,
     InvalidField,
     ProtocolError,
     TensorDtypeMismatch,
     TensorShapeMismatch,
-    TruncatedFrame,
+    TensorSpec,
 )
 from protocol.verification import (
     ACCEPT,
@@ -99,19 +99,19 @@ RETAIN_MIN_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class VerifySettings:
-    run_id: str
-    manifest_hash: str
-    numel: int
+    stream: StreamSettings
     inner_steps: int
     rate: float
     tolerances: Tolerances
     vote_timeout: float
     audit_window: int
     record_ttl: float
-    io_timeout: float
-    max_frame_bytes: int
-    chunk_bytes: int
     lsh_seed: int
+
+    @property
+    def run_id(self) -> str:
+        """The run whose records (commitments, receipts, votes) are verified."""
+        return self.stream.run_id
 
 
 SENT_PREFIX = "sent."
@@ -225,7 +225,7 @@ class Verification:
         self.p2p, self.membership, self.metrics, self.identity = p2p, membership, metrics, identity
         self.settings, self.trainer, self.replayer, self.compute = settings, trainer, replayer, compute
         self.me = identity.peer_id
-        self.signer = UpdateSigner(settings.numel, settings.lsh_seed, device="cpu")
+        self.signer = UpdateSigner(settings.stream.numel, settings.lsh_seed, device="cpu")
         self.retained: dict[int, RetainedStart] = {}
         self.audits: dict[tuple[str, int], Audit] = {}
         self.flagged: dict[str, str] = {}  # peer -> evidence
@@ -237,6 +237,8 @@ class Verification:
         # test-only fault injection ("+hide"): the update to sign instead of the one sent
         self.committed_update: torch.Tensor | None = None
         self.stopping = False
+        self.service = StreamService(p2p, AUDIT_PROTOCOL, AuditRequest, settings.stream, metrics, "audit",
+                                     serve=self._serve_audit, failed=self._audit_upload_failed)
 
     @property
     def audit_tensors(self) -> tuple[str, ...]:
@@ -250,7 +252,7 @@ class Verification:
         return f"{self.settings.run_id}.votes.{peer}.{round_}"
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(AUDIT_PROTOCOL, self._serve_audit)
+        await self.service.start()
 
     def excluded(self) -> set[str]:
         """Peers this node will not pair with or take tensors from."""
@@ -300,8 +302,8 @@ class Verification:
             return None
         commitment, outgoing = prepared
         blob = envelope(commitment, self.identity.sign(signing_bytes(commitment)))
-        stored = await self.membership.put(self._commit_key(round_), blob, get_dht_time() + self.settings.record_ttl,
-                                           subkey=self.me)
+        stored = await self.membership.client.store(self._commit_key(round_), blob,
+                                                    get_dht_time() + self.settings.record_ttl, subkey=self.me)
         self.metrics.commitments.labels(result="ok" if stored else "failed").inc()
         if not stored:
             logger.warning("commitment for round %d was not stored: this round is not paired", round_)
@@ -313,7 +315,7 @@ class Verification:
         cached = self._commitments.get((peer, round_))
         if cached is not None:
             return cached
-        entries = await self.membership.fetch(self._commit_key(round_))
+        entries = await self.membership.client.fetch(self._commit_key(round_))
         entry = entries.get(peer) if isinstance(entries, dict) else None
         if entry is None:
             return None
@@ -361,76 +363,58 @@ class Verification:
         if is_sampled(seed, self.settings.rate):
             receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce)
             blob = envelope(receipt, self.identity.sign(signing_bytes(receipt)))
-            self.background.spawn(self.membership.put(
+            self.background.spawn(self.membership.client.store(
                 self.keys["audits"], blob, get_dht_time() + self.settings.record_ttl,
                 subkey=f"{partner}:{partner_round}"))
             logger.info("round %d of %s drawn for audit", partner_round, partner[-8:])
         return True
 
     # ------------------------------------------------------------------ 3. serve and run audits
-    async def _serve_audit(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = self._stream(reader, writer)
-        sender = info.peer_id.to_base58()
-        try:
-            request = await stream.recv(AuditRequest)
-            if request.sender != sender:
-                raise InvalidField(f"request claims sender {request.sender[:16]!r} but came from {sender}")
-            retained = self.retained.get(request.round)
-            if request.run_id != self.settings.run_id or request.manifest_hash != self.settings.manifest_hash:
-                reason = "manifest"
-            elif self.stopping:
-                reason = "shutting_down"
-            else:
-                reason = None if retained is not None else "no_state"
-            if reason is not None:
-                await stream.send(ExchangeReject(reason=reason, round=request.round))
-                return
-            await stream.send(AuditOffer(round=request.round, start_digest=retained.digest,
-                                         tensors=tuple(retained.tensors), numel=self.settings.numel, dtype="float32"))
-            await send_tensors(stream, retained.tensors, self.settings.chunk_bytes)
-            await stream.recv(ExchangeAck)
-            logger.info("served the start state of round %d to verifier %s", request.round, sender[-8:])
-        except ProtocolError as error:
-            self.metrics.protocol_errors.labels(kind=error.kind).inc()
-            logger.warning("audit request from %s: protocol error: %s", sender[-8:], error)
-            if not isinstance(error, TruncatedFrame):
-                await stream.send_error(error)
-        except Exception as error:  # noqa: BLE001 - the verifier vanished or stalled
-            logger.info("audit upload to %s failed: %s", sender[-8:], error or type(error).__name__)
-        finally:
-            stream.close()
+    async def _serve_audit(self, incoming: Incoming, request: AuditRequest) -> None:
+        """A request from its authenticated sender (StreamService counts, reports and closes)."""
+        retained = self.retained.get(request.round)
+        wire = self.settings.stream
+        if request.run_id != wire.run_id or request.manifest_hash != wire.manifest_hash:
+            reason = "manifest"
+        elif self.stopping:
+            reason = "shutting_down"
+        else:
+            reason = None if retained is not None else "no_state"
+        if reason is not None:
+            await incoming.stream.send(ExchangeReject(reason=reason, round=request.round))
+            return
+        offer = AuditOffer(round=request.round, start_digest=retained.digest, tensors=tuple(retained.tensors),
+                           numel=wire.numel, dtype="float32")
+        await offer_tensors(incoming.stream, offer, retained.tensors, wire.chunk_bytes)
+        logger.info("served the start state of round %d to verifier %s", request.round, incoming.peer[-8:])
 
-    def _stream(self, reader, writer) -> FrameStream:
-        return FrameStream(
-            reader, writer, max_frame_bytes=self.settings.max_frame_bytes, io_timeout=self.settings.io_timeout,
-            on_sent=self.metrics.bytes_sent.labels(kind="audit").inc,
-            on_received=self.metrics.bytes_received.labels(kind="audit").inc,
-        )
+    def _audit_upload_failed(self, incoming: Incoming, error: Exception) -> None:
+        if isinstance(error, ProtocolError):
+            logger.warning("audit request from %s: protocol error: %s", incoming.peer[-8:], error)
+        else:  # the verifier vanished or stalled
+            logger.info("audit upload to %s failed: %s", incoming.peer[-8:], error or type(error).__name__)
+
+    def _check_offer(self, offer: AuditOffer, round_: int) -> list[TensorSpec]:
+        """The offer, checked before accepting a single byte of tensor data; the tensors to receive."""
+        numel = self.settings.stream.numel
+        if offer.round != round_ or tuple(offer.tensors) != self.audit_tensors:
+            raise InvalidField(f"audit offer for round {offer.round} with tensors {list(offer.tensors)}")
+        if offer.numel != numel:
+            raise TensorShapeMismatch(f"audit offer of {offer.numel} parameters, model has {numel}")
+        if offer.dtype != "float32":
+            raise TensorDtypeMismatch(f"audit offer of dtype {offer.dtype!r}")
+        return [flat_spec(name, numel) for name in self.audit_tensors]
 
     async def _fetch_start(self, peer: str, round_: int) -> tuple[str, dict[str, np.ndarray]]:
         """The audited peer's start state of `round_`: (digest it claims, tensors). Raises on any failure."""
-        _info, reader, writer = await asyncio.wait_for(
-            self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), AUDIT_PROTOCOL), self.settings.io_timeout)
-        stream = self._stream(reader, writer)
+        wire = self.settings.stream
+        stream = await open_stream(self.p2p, peer, AUDIT_PROTOCOL, wire, self.metrics, "audit")
         try:
-            await stream.send(AuditRequest(run_id=self.settings.run_id, manifest_hash=self.settings.manifest_hash,
-                                           sender=self.me, round=round_))
-            reply = await stream.recv((AuditOffer, ExchangeReject))
-            if isinstance(reply, ExchangeReject):
-                raise ReplayError(f"refused: {reply.reason}")
-            if reply.round != round_ or tuple(reply.tensors) != self.audit_tensors:
-                raise InvalidField(f"audit offer for round {reply.round} with tensors {list(reply.tensors)}")
-            if reply.numel != self.settings.numel:
-                raise TensorShapeMismatch(f"audit offer of {reply.numel} parameters, model has {self.settings.numel}")
-            if reply.dtype != "float32":
-                raise TensorDtypeMismatch(f"audit offer of dtype {reply.dtype!r}")
-            received = await receive_tensors(stream, [flat_spec(name, self.settings.numel)
-                                                      for name in self.audit_tensors])
-            try:  # everything arrived and checked out: the ack only tells the peer it may close
-                await stream.send(ExchangeAck(ok=True, reason=""))
-            except Exception as error:  # noqa: BLE001 - the state is complete either way
-                logger.debug("audit ack to %s failed: %s", peer[-8:], error)
-            return reply.start_digest, received
+            request = AuditRequest(run_id=wire.run_id, manifest_hash=wire.manifest_hash, sender=self.me, round=round_)
+            offer, received = await request_tensors(stream, request, AuditOffer,
+                                                    lambda offer: self._check_offer(offer, round_),
+                                                    lambda reason: ReplayError(f"refused: {reason}"))
+            return offer.start_digest, received
         finally:
             stream.close()
 
@@ -451,7 +435,7 @@ class Verification:
         comparison, reason, verdict = None, "", REJECT
         try:
             # (asyncio.timeout, not wait_for: no inner task whose late failure nobody retrieves on shutdown)
-            async with asyncio.timeout(self.settings.io_timeout * (3 + self.settings.numel // 2**22)):
+            async with asyncio.timeout(self.settings.stream.io_timeout * (3 + self.settings.stream.numel // 2**22)):
                 claimed, tensors = await self._fetch_start(peer, round_)
         except Exception as error:  # noqa: BLE001 - refused, gone, frozen, malformed
             explicit = isinstance(error, (ProtocolError, ReplayError))  # it answered, but not with the state
@@ -483,8 +467,8 @@ class Verification:
                     comparison.hamming if comparison else 1.0, comparison.rel_l2 if comparison else 1e30,
                     comparison.norm_ratio if comparison else 1e30)
         blob = envelope(vote, self.identity.sign(signing_bytes(vote)))
-        await self.membership.put(self._votes_key(peer, round_), blob, get_dht_time() + self.settings.record_ttl,
-                                  subkey=self.me)
+        await self.membership.client.store(self._votes_key(peer, round_), blob,
+                                           get_dht_time() + self.settings.record_ttl, subkey=self.me)
         audit.votes[self.me] = vote
         self.metrics.verifications.labels(verdict=verdict).inc()
         evidence = comparison.evidence(self.settings.tolerances) if comparison else reason
@@ -493,7 +477,7 @@ class Verification:
 
     # ------------------------------------------------------------------ 4. verdicts
     async def _read_votes(self, audit: Audit) -> None:
-        entries = await self.membership.fetch(self._votes_key(audit.peer, audit.round))
+        entries = await self.membership.client.fetch(self._votes_key(audit.peer, audit.round))
         for verifier, entry in (entries or {}).items() if isinstance(entries, dict) else ():
             if verifier in audit.votes or not isinstance(verifier, str):
                 continue
@@ -534,7 +518,7 @@ class Verification:
 
     async def _discover(self) -> None:
         """Read the sampled (peer, round) pairs and start tracking new ones."""
-        entries = await self.membership.fetch(self.keys["audits"])
+        entries = await self.membership.client.fetch(self.keys["audits"])
         items = list(entries.items()) if isinstance(entries, dict) else []
         examined = 0
         for subkey, entry in items:

@@ -1,13 +1,13 @@
-"""The pair exchange code path over plain loopback TCP: both sides get the other's tensors, or a typed error."""
+"""The pair exchange and the offered download over plain loopback TCP: the tensors arrive, or a typed error."""
 
 import asyncio
 import contextlib
 
 import numpy as np
 
-from node.net.tensor_stream import flat_spec, swap_tensors
+from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors, swap_tensors
 from node.net.streams import FrameStream, PeerGone, RemoteError
-from protocol import ChecksumMismatch, NonFiniteTensor, TensorEnd
+from protocol import ChecksumMismatch, ExchangeReject, NonFiniteTensor, StateOffer, StateRequest, TensorEnd
 
 NUMEL = 300_001  # not a multiple of the chunk size
 
@@ -96,3 +96,35 @@ async def test_corrupted_checksum_is_refused():
 
     _, receiver_error = await pair(receiver, corrupting_sender)
     assert isinstance(receiver_error, ChecksumMismatch)
+
+
+async def test_offered_download_lands_in_the_given_buffers_and_a_reject_raises_the_refusal():
+    numel = 5000
+    rng = np.random.default_rng(2)
+    tensors = {name: rng.standard_normal(numel, dtype=np.float32) for name in ("phi", "momentum")}
+    specs = [flat_spec(name, numel) for name in tensors]
+    request = StateRequest(run_id="run", manifest_hash="m" * 64, sender="joiner")
+    offer = StateOffer(round=3, global_step=9, manifest_hash="m" * 64, tensors=tuple(tensors), numel=numel,
+                       dtype="float32")
+    buffers = {name: bytearray(numel * 4) for name in tensors}
+
+    async def donor(stream):
+        assert await stream.recv(StateRequest) == request
+        await offer_tensors(stream, offer, tensors, chunk_bytes=4096)  # returns once the joiner acked
+
+    offered = []
+    downloaded, served = await pair(donor, lambda s: request_tensors(
+        s, request, StateOffer, lambda o: offered.append(o) or specs, RuntimeError, buffers))
+    assert served is None, served
+    got_offer, received = downloaded
+    assert got_offer == offer and offered == [offer]
+    for name, array in tensors.items():
+        assert np.array_equal(received[name], array)
+        assert bytes(buffers[name]) == array.tobytes()  # received straight into the given buffer
+
+    async def busy_donor(stream):
+        await stream.recv(StateRequest)
+        await stream.send(ExchangeReject(reason="busy", round=0))
+
+    refused, _ = await pair(busy_donor, lambda s: request_tensors(s, request, StateOffer, lambda o: specs, LookupError))
+    assert isinstance(refused, LookupError) and str(refused) == "busy"

@@ -20,23 +20,30 @@ from protocol.verification import (
 from node.net.identity import Identity
 from node.metrics import NodeMetrics
 from node.tasks import BackgroundTasks
+from node.net.stream_service import StreamSettings
 from node.verify.service import Verification, VerifySettings
 
 RUN = "run"
 
 
 class FakeMembership:
-    """The DHT as the verification loop sees it: full keys -> {subkey: record with .value}."""
+    """The DHT as the verification loop sees it (`membership.client`): full keys -> {subkey: record with .value}."""
 
     def __init__(self, live):
         self.store: dict[str, dict] = {}
         self.live = {peer: None for peer in live}
+        self.client = FakeDHTClient(self.store)
+
+
+class FakeDHTClient:
+    def __init__(self, store):
+        self.records = store
 
     async def fetch(self, key):
-        return self.store.get(key)
+        return self.records.get(key)
 
-    async def put(self, key, value, expiration, subkey=None):
-        self.store.setdefault(key, {})[subkey] = types.SimpleNamespace(value=value)
+    async def store(self, key, value, expiration, subkey=None):
+        self.records.setdefault(key, {})[subkey] = types.SimpleNamespace(value=value)
         return True
 
 
@@ -48,8 +55,8 @@ def setup():
     peers = {name: Identity.generate() for name in "ABCDE"}
     me, audited = peers["E"], peers["A"]
     membership = FakeMembership([p.peer_id for n, p in peers.items() if n != "E"])
-    settings = VerifySettings(RUN, "m" * 64, 64, 4, 1.0, Tolerances(0.08, 0.1, 1.02), 10.0, 3, 3600.0, 1.0,
-                              2**20, 2**16, 7)
+    settings = VerifySettings(StreamSettings(RUN, "m" * 64, 64, 1.0, 2**20, 2**16), 4, 1.0,
+                              Tolerances(0.08, 0.1, 1.02), 10.0, 3, 3600.0, 7)
     verification = Verification(None, membership, NodeMetrics(), me, settings, None, None, None, BackgroundTasks())
     commitment = Commitment(RUN, audited.peer_id, 5, "ab" * 32, "cd" * 32, "{}", 10, 4,
                             UpdateSignature(b"\x01" * 32, (1.0,), 1.0))
