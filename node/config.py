@@ -11,9 +11,10 @@ import dataclasses
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "GOSSIPTRAIN_"
 
@@ -97,7 +98,7 @@ class NodeConfig:
     metrics_port: int = 9400
     log_level: str = "info"
 
-    def validate(self) -> "NodeConfig":
+    def validate(self) -> NodeConfig:
         """Raise ConfigError on values that cannot work; return self for chaining."""
         checks: list[tuple[bool, str]] = [
             (self.sync in ("noloco", "local"), f"sync must be 'noloco' or 'local', got {self.sync!r}"),

@@ -17,9 +17,10 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hivemind.dht.node import DHTNode
 
@@ -32,7 +33,7 @@ from node.config import NodeConfig
 from node.gossip.exchange import Gossip, GossipSettings
 from node.join.peers_file import PeersFileError, wait_for_peers_file
 from node.join.plan import StartMode
-from node.join.procedure import JoinError, Joiner
+from node.join.procedure import Joiner, JoinError
 from node.join.statesync import DonorState, StateServer
 from node.metrics import NodeMetrics, counts_by_label
 from node.net.identity import Identity, IdentityError
@@ -66,7 +67,7 @@ class Node:
         raise TypeError("use `await Node.create(config)`")
 
     @classmethod
-    async def create(cls, cfg: NodeConfig) -> "Node":
+    async def create(cls, cfg: NodeConfig) -> Node:
         self = object.__new__(cls)
         self.cfg = cfg
         try:  # ours alone while we run: a second node on this dir would corrupt both nodes' checkpoints
@@ -140,7 +141,7 @@ class Node:
                 DHTNode.create(p2p=self.p2p, initial_peers=cfg.initial_peers or None, cache_locally=False),
                 STARTUP_TIMEOUT,
             )
-        except (asyncio.TimeoutError, TimeoutError) as error:
+        except TimeoutError as error:
             await self._close_network()
             raise JoinError(f"p2p/DHT start-up took over {STARTUP_TIMEOUT:.0f}s") from error
         except Exception as error:
@@ -343,7 +344,7 @@ class Node:
             await self.membership.refresh_view()
             try:
                 await asyncio.wait_for(self.stop_event.wait(), 0.5)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 pass
         logger.info("%d peers live: starting to train", len(self.membership.live))
 

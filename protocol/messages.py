@@ -13,8 +13,9 @@ import dataclasses
 import enum
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import msgpack
 
@@ -253,7 +254,7 @@ MessageType.__doc__ = "Value of the ``\"t\"`` key identifying each message."
 MESSAGE_CLASSES: dict[MessageType, type] = {MessageType(t): cls for t, cls in sorted(_REGISTRY.items())}
 for _type, _cls in MESSAGE_CLASSES.items():
     _cls.TYPE = _type  # type: ignore[attr-defined]
-Message = Union[tuple(MESSAGE_CLASSES.values())]  # type: ignore[valid-type]
+Message = Union[tuple(MESSAGE_CLASSES.values())]  # type: ignore[valid-type]  # noqa: UP007 - built from the registry
 __all__ += [cls.__name__ for cls in MESSAGE_CLASSES.values()]
 del _type, _cls
 

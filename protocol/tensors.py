@@ -13,8 +13,8 @@ import hashlib
 import hmac
 import math
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

@@ -19,8 +19,9 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Awaitable, Callable
+from typing import IO
 
 import uvloop
 

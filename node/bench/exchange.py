@@ -38,8 +38,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import IO, Awaitable, Callable, TypeVar
+from typing import IO, TypeVar
 
 import numpy as np
 
@@ -117,8 +118,8 @@ def _raw_work(payload: np.ndarray, initiator: bool) -> Work[bytes]:
 
 def _swap_work(payload: np.ndarray) -> Work[np.ndarray]:
     """Side of a gossiptrain exchange: exactly the training path, swap_tensors over a FrameStream."""
-    from node.net.tensor_stream import flat_spec, swap_tensors
     from node.net.streams import FrameStream
+    from node.net.tensor_stream import flat_spec, swap_tensors
 
     specs = [flat_spec(TENSOR_NAME, payload.size)]
 

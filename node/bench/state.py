@@ -163,8 +163,8 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     """The donor process: serve a random state until stdin closes; 0 if every upload went through."""
     from hivemind.p2p import P2P
 
-    from node.metrics import NodeMetrics
     from node.join.statesync import DonorState, StateServer
+    from node.metrics import NodeMetrics
 
     rng = np.random.default_rng(DONOR_SEED)
     state = DonorState(
@@ -229,8 +229,8 @@ async def _download_once(
     p2p, donor: ChildProcess, ready: dict, numel: int, meter: PeakMeter
 ) -> tuple[float, int | None]:
     """One download_state from the donor; (seconds, peak RSS growth), verified against the donor's checksum."""
-    from node.metrics import NodeMetrics
     from node.join.statesync import download_state
+    from node.metrics import NodeMetrics
 
     async def donors() -> list[str]:
         return [ready["peer_id"]]

@@ -61,15 +61,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from protocol.verification import COMMITTEE_SIZE, Comparison, Tolerances, UpdateSignature, compare
+
 from node.config import NodeConfig
+from node.table import format_table
 from node.train.data import Corpus, ShardSampler, load_corpus
+from node.train.trainer import RoundStart, Trainer
 from node.verify.faults import Fault
 from node.verify.lsh import DEFAULT_BITS, UpdateSigner
 from node.verify.replay import Replayer, describe_start, start_digest
-from node.table import format_table
-from node.train.trainer import RoundStart, Trainer
 from node.verify.service import audit_signer
-from protocol.verification import COMMITTEE_SIZE, Comparison, Tolerances, UpdateSignature, compare
 
 DEFAULT_TRIALS = 12
 DEFAULT_SIZES = (1_000_000, 10_000_000, 100_000_000)
@@ -547,7 +548,8 @@ HOW_TO_READ = """\
 how to read this:
 - hamming: fraction of the 256 SimHash bits that differ (≈ angle/π between the two updates); sketch rel-L2: \
 ‖s(Δc) − s(Δr)‖/‖s(Δr)‖ from the 128-dim sketches, an estimate of the exact ‖Δc − Δr‖/‖Δr‖ computed from the full \
-tensors next to it; norm ratio: max(r, 1/r) of the exact norms (1 = equal). Δc is the update the peer sent, Δr a replay; both signatures use the audit's own projection (drawn from the audit seed), as verifiers do.
+tensors next to it; norm ratio: max(r, 1/r) of the exact norms (1 = equal). Δc is the update the peer sent, Δr a \
+replay; both signatures use the audit's own projection (drawn from the audit seed), as verifiers do.
 - honest rows: how much honest work differs between setups (summation order of threaded kernels, gradient \
 accumulation); a replay with the committed setup is bit-identical. suggested tolerance = max(floor, {safety:g} × \
 honest max) with floors hamming {fh:g}, rel-L2 {fr:g}, norm ratio 1+{fn:g}; margin = tolerance / honest max.

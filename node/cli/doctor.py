@@ -20,8 +20,8 @@ import uvloop
 
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
-from node.ops.doctor import FAIL, Check, run_checks, to_json
 from node.join.peers_file import PeersFileError, all_initial_peers
+from node.ops.doctor import FAIL, Check, run_checks, to_json
 
 MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
 

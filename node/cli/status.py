@@ -14,8 +14,8 @@ import uvloop
 
 from node.cli.run import add_config_flags, config_from_args
 from node.config import ConfigError
-from node.metrics import FAILED_RESULTS
 from node.join.peers_file import PeersFileError, all_initial_peers
+from node.metrics import FAILED_RESULTS
 from node.table import format_table
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from node.metrics import FAILED_RESULTS
-from node.tools.swarm import LocalSwarm, SwarmError, progress_row
 from node.table import format_table
+from node.tools.swarm import LocalSwarm, SwarmError, progress_row
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:

@@ -16,8 +16,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from hivemind.p2p import P2P
@@ -33,13 +33,13 @@ from protocol import (
     TruncatedFrame,
 )
 
-from node.net.tensor_stream import ExchangeAborted, confirm, flat_spec, transfer_tensors
-from node.net.membership import Membership
-from node.metrics import NodeMetrics
 from node.gossip.pairing import PairingState, choose_partner, could_pair, refusal_reason
-from node.tasks import BackgroundTasks
+from node.metrics import NodeMetrics
+from node.net.membership import Membership
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from node.net.streams import FrameStream, PeerTimeout
+from node.net.tensor_stream import ExchangeAborted, confirm, flat_spec, transfer_tensors
+from node.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Gossip:
                 received = await self._request(partner, round_)
                 if received is not None and not paired.done():
                     paired.set_result((partner, *received))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             pass
         finally:
             await self._settle_incoming()
@@ -196,7 +196,7 @@ class Gossip:
         self._wakeup.clear()
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             pass
 
     def _could_pair(self, round_: int) -> bool:

@@ -102,7 +102,7 @@ class Joiner:
             try:
                 await asyncio.wait_for(self.stop_event.wait(), self.cfg.heartbeat / 2)
                 return
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 pass
 
     async def _sync_from_donors(self) -> tuple[int, str] | None:

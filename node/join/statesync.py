@@ -38,9 +38,9 @@ from protocol import (
     TensorSpec,
 )
 
-from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
 from node.metrics import NodeMetrics
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
+from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
 
 logger = logging.getLogger(__name__)
 

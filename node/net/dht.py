@@ -60,7 +60,7 @@ class DHTClient:
         """The latest value under `key` (None: nothing stored); DHTUnavailable when the DHT did not answer."""
         try:
             found = await asyncio.wait_for(self.dht.get(key, latest=True), self.timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise DHTUnavailable(key, f"timed out after {self.timeout:.0f}s") from None
         except Exception as error:  # noqa: BLE001 - hivemind raises assorted errors on broken peers
             raise DHTUnavailable(key, f"failed: {error}") from error

@@ -8,7 +8,7 @@ header, before a single body byte is read.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from protocol import (
     HEADER_BYTES,
@@ -67,7 +67,7 @@ class FrameStream:
             if at_boundary and not error.partial:
                 raise PeerGone("stream closed") from None
             raise TruncatedFrame(f"stream ended after {len(error.partial)} of {count} bytes of a frame") from None
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise PeerTimeout(f"no data for {self.io_timeout:.1f}s") from None
         except (ConnectionError, OSError) as error:
             raise PeerGone(str(error)) from None
@@ -90,7 +90,7 @@ class FrameStream:
         try:
             self.writer.write(frame)
             await asyncio.wait_for(self.writer.drain(), self.io_timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise PeerTimeout(f"peer accepted no data for {self.io_timeout:.1f}s") from None
         except (ConnectionError, OSError) as error:
             raise PeerGone(str(error)) from None

@@ -17,9 +17,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from node.config import NodeConfig
 from node.workdir import candidates, is_locked
@@ -91,7 +92,7 @@ async def check_p2pd() -> Check:
         p2p = await start_p2p(P2PD_TIMEOUT, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         seconds = time.monotonic() - started
         return Check("p2pd", OK, f"the bundled libp2p daemon started in {seconds:.2f}s as {p2p.peer_id.to_base58()[-8:]}")
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         return Check("p2pd", FAIL, f"p2pd did not start within {P2PD_TIMEOUT:.0f}s",
                      "check CPU load and that /tmp is writable (p2pd listens on a unix socket there)")
     except Exception as error:  # noqa: BLE001 - missing binary, wrong platform, permissions
@@ -136,7 +137,10 @@ def _maddr_ip(maddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return None
 
 
-def _source_ip(destination: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _source_ip(destination: IPAddress) -> IPAddress | None:
     """The local address this machine would use to reach `destination` (a UDP connect sends no packet)."""
     family = socket.AF_INET6 if destination.version == 6 else socket.AF_INET
     try:

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -101,7 +102,7 @@ async def dht_client(initial_peers: list[str], timeout: float = CLIENT_START_TIM
         # strict=False: a skewed local clock is reported (by doctor), not a reason to refuse to look
         dht = await asyncio.wait_for(DHTNode.create(
             p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False, strict=False), timeout)
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         await _shutdown(p2p, dht)
         raise SwarmUnreachable(f"no initial peer answered within {timeout:.0f}s: {' '.join(initial_peers)}") from None
     except Exception as error:  # noqa: BLE001 - hivemind raises assorted errors for unreachable peers

@@ -12,11 +12,12 @@ import json
 import numpy as np
 import torch
 
+from protocol.verification import data_assignment
+
 from node.config import NodeConfig
 from node.train.data import Corpus, ShardSampler
 from node.train.model import ModelConfig, build_model
 from node.train.trainer import START_TENSORS, RoundStart, inner_step, lr_at
-from protocol.verification import data_assignment
 
 
 class ReplayError(ValueError):

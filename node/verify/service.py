@@ -39,23 +39,6 @@ import torch
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from node.net import identity as ident
-from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
-from node.verify.lsh import UpdateSigner
-from node.net.dht import DHTUnavailable
-from node.net.membership import Membership
-from node.metrics import NodeMetrics
-from node.verify.replay import (
-    Replayer,
-    ReplayError,
-    describe_start,
-    sent_digest,
-    start_digest,
-    start_from_wire,
-)
-from node.tasks import BackgroundTasks
-from node.train.trainer import START_TENSORS, RoundStart, Trainer
-from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from protocol import (
     AuditOffer,
     AuditRequest,
@@ -84,6 +67,24 @@ from protocol.verification import (
     open_envelope,
     signing_bytes,
     stand_in_rank,
+)
+
+from node.metrics import NodeMetrics
+from node.net import identity as ident
+from node.net.dht import DHTUnavailable
+from node.net.membership import Membership
+from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
+from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
+from node.tasks import BackgroundTasks
+from node.train.trainer import START_TENSORS, RoundStart, Trainer
+from node.verify.lsh import UpdateSigner
+from node.verify.replay import (
+    Replayer,
+    ReplayError,
+    describe_start,
+    sent_digest,
+    start_digest,
+    start_from_wire,
 )
 
 logger = logging.getLogger(__name__)
@@ -620,7 +621,7 @@ class Verification:
         while not self.stopping:
             try:
                 await step()  # every DHT call and stream read in it has its own timeout
-            except (DHTUnavailable, asyncio.TimeoutError, TimeoutError) as error:
+            except (DHTUnavailable, TimeoutError) as error:
                 logger.info("verification %s: %s", name, error or type(error).__name__)
             except Exception:  # noqa: BLE001 - a bug in one pass must not end verification
                 logger.exception("verification %s failed", name)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import msgpack
 import numpy as np
 import pytest
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
-from node.gossip.exchange import EXCHANGE_PROTOCOL
-from node.net.streams import FrameStream, RemoteError
 from protocol import (
     ErrorMessage,
     ExchangeAccept,
@@ -23,9 +22,10 @@ from protocol import (
     encode_message,
     tensor_messages,
 )
-from tests.integration.conftest import TINY, poll
 
-import msgpack
+from node.gossip.exchange import EXCHANGE_PROTOCOL
+from node.net.streams import FrameStream, RemoteError
+from tests.integration.conftest import TINY, poll
 
 pytestmark = pytest.mark.integration
 RUN = "gossiptrain-default"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from hivemind.p2p import P2P
 
-from node.metrics import NodeMetrics
+from protocol import StateOffer, StateRequest, TensorSpec, tensor_messages
+
 from node.join.statesync import (
     STATE_PROTOCOL,
     DonorState,
@@ -23,8 +24,8 @@ from node.join.statesync import (
     StateSyncSettings,
     download_state,
 )
+from node.metrics import NodeMetrics
 from node.net.streams import FrameStream
-from protocol import StateOffer, StateRequest, TensorSpec, tensor_messages
 
 pytestmark = pytest.mark.integration
 

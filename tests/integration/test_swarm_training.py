@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from node.train.checkpoint import load_latest
 from node.tools.swarm import LocalSwarm
+from node.train.checkpoint import load_latest
 from tests.integration.conftest import TINY, poll, rounds_done
 
 pytestmark = pytest.mark.integration

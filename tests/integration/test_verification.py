@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from node.verify.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV
 from node.ops.status import SwarmStatus, dht_client, read_swarm
 from node.tools.swarm import LocalSwarm
+from node.verify.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV
 from tests.integration.conftest import TINY
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,8 @@ names a node exports."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import prometheus_client
 import pytest

@@ -6,9 +6,9 @@ import torch
 
 from protocol.verification import ACCEPT, REJECT, Tolerances, audit_seed, compare
 
+from node.train.trainer import Trainer
 from node.verify.lsh import UpdateSigner
 from node.verify.replay import Replayer
-from node.train.trainer import Trainer
 from node.verify.service import judge_audit, make_commitment
 
 TOL = Tolerances(0.08, 0.10, 1.02)

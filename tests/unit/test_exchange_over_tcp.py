@@ -5,9 +5,10 @@ import contextlib
 
 import numpy as np
 
-from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors, swap_tensors
-from node.net.streams import FrameStream, PeerGone, RemoteError
 from protocol import ChecksumMismatch, ExchangeReject, NonFiniteTensor, StateOffer, StateRequest, TensorEnd
+
+from node.net.streams import FrameStream, PeerGone, RemoteError
+from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors, swap_tensors
 
 NUMEL = 300_001  # not a multiple of the chunk size
 

@@ -11,12 +11,21 @@ import time
 
 import pytest
 
-from node.cli.status import render
 from node.cli.health import check as health_check
+from node.cli.status import render
 from node.config import NodeConfig
-from node.ops.doctor import (FAIL, OK, WARN, check_device, check_disk, check_metrics_port, check_reachable, memory_estimate,
-                         model_parameters)
 from node.join.peers_file import PeersFileError, read_peers_file, wait_for_peers_file
+from node.ops.doctor import (
+    FAIL,
+    OK,
+    WARN,
+    check_device,
+    check_disk,
+    check_metrics_port,
+    check_reachable,
+    memory_estimate,
+    model_parameters,
+)
 from node.ops.status import SwarmStatus, parse_presence
 from node.workdir import WorkDirBusy, claim_work_dir, existing_work_dirs, is_locked, pid_namespace
 

@@ -6,9 +6,9 @@ import torch
 
 from protocol.verification import data_assignment
 
+from node.train.trainer import Trainer
 from node.verify.faults import FAULT_ACK, FAULT_ACK_ENV, FAULT_ENV, Fault, FaultConfigError, fault_from_env, parse_fault
 from node.verify.replay import Replayer, ReplayError, describe_start, sent_digest, start_digest, start_from_wire
-from node.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

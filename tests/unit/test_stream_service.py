@@ -3,10 +3,11 @@
 import asyncio
 import types
 
+from protocol import ExchangeReject, StateRequest
+
 from node.metrics import NodeMetrics
 from node.net.stream_service import StreamService, StreamSettings
 from node.net.streams import FrameStream, RemoteError
-from protocol import ExchangeReject, StateRequest
 
 SETTINGS = StreamSettings(run_id="run", manifest_hash="m" * 64, numel=10, io_timeout=5, max_frame_bytes=2**20,
                           chunk_bytes=2**16)

@@ -17,10 +17,10 @@ from protocol.verification import (
     signing_bytes,
 )
 
-from node.net.identity import Identity
 from node.metrics import NodeMetrics
-from node.tasks import BackgroundTasks
+from node.net.identity import Identity
 from node.net.stream_service import StreamSettings
+from node.tasks import BackgroundTasks
 from node.verify.service import Verification, VerifySettings
 
 RUN = "run"
