@@ -44,7 +44,7 @@ from node.round import Progress, Rounds
 from node.tasks import BackgroundTasks
 from node.train.checkpoint import save_checkpoint
 from node.train.data import DataError, load_corpus
-from node.train.trainer import DeviceUnavailable, Trainer
+from node.train.trainer import DeviceUnavailable, SlowState, Trainer
 from node.verify.faults import FaultConfigError, fault_from_env
 from node.verify.replay import Replayer
 from node.verify.service import Verification, VerifySettings
@@ -107,7 +107,7 @@ class Node:
         self.background = BackgroundTasks()
         self.start_mode: StartMode | None = None  # set once the node has its weights (see _join)
         self.start_detail = ""
-        self._donor: tuple[int, tuple] | None = None  # (round, trainer.published) served to joiners
+        self._donor: tuple[int, SlowState] | None = None  # (round, its boundary) served to joiners
         self._checkpointed: tuple[int, int] | None = None  # (rounds done, global step) of the newest checkpoint
 
         try:
@@ -321,9 +321,8 @@ class Node:
         """What this node serves a joiner: its last round boundary (None until it has its weights)."""
         if self._donor is None:
             return None
-        round_, published = self._donor
-        slow, momentum, step = self.trainer.slow_state(published)
-        return DonorState(round_, step, slow, momentum)
+        round_, boundary = self._donor
+        return DonorState(round_, boundary.global_step, boundary.slow, boundary.momentum)
 
     def _on_view_change(self, joined: set[str], left: set[str]) -> None:
         self.metrics.peer_joins.inc(len(joined))

@@ -83,11 +83,13 @@ class Rounds:
                 logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
                             self.cfg.max_staleness, progress.round, caught_up)
                 progress.round, next_round = caught_up, caught_up + 1
+            committed_update = None  # test-only fault injection may commit to another update than it sends
             if self.fault is not None:
-                await self.compute(cheat, self.trainer, self.fault, self._fault_generator, self.verification,
-                                   progress.round)
+                committed_update = await self.compute(cheat, self.trainer, self.fault, self._fault_generator,
+                                                      progress.round)
             if self.verification is not None:
-                outgoing = await self.verification.commit(progress.round)  # None: this round is not paired
+                # None: this round is not paired
+                outgoing = await self.verification.commit(progress.round, committed_update)
             else:
                 outgoing = await self.compute(self.trainer.outgoing_tensors)
             if outgoing is not None:

@@ -101,7 +101,33 @@ class RoundStart:
 START_TENSORS = ("phi", "adam_m", "adam_v")
 
 
+@dataclass(frozen=True)
+class SlowState:
+    """φ, δ (flat float32 CPU arrays, read-only) and the global step at a round boundary.
+
+    Made on the trainer thread when a round ends, never written to afterwards: the event loop
+    (a donor serving a joiner) reads it without touching the trainer or the device.
+    """
+
+    slow: np.ndarray
+    momentum: np.ndarray
+    global_step: int
+
+    @classmethod
+    def of(cls, slow: torch.Tensor, momentum: torch.Tensor, global_step: int) -> SlowState:
+        arrays = []
+        for tensor in (slow, momentum):
+            array = tensor.float().cpu().numpy()  # on CPU a view: φ and δ are replaced, never mutated in place
+            array.flags.writeable = False
+            arrays.append(array)
+        return cls(arrays[0], arrays[1], global_step)
+
+
 class Trainer:
+    """Owns the model, the optimizer and φ/δ. Its methods run on the trainer thread only (the node's
+    single-worker executor); what the event loop gets are return values and `published`, an
+    immutable snapshot of the last round boundary."""
+
     def __init__(self, cfg: NodeConfig, corpus: Corpus, shard: int, sampler_seed: int) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -119,7 +145,7 @@ class Trainer:
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)
         self.slow_weights = self._fast_vector()  # parameters_to_vector already copies
         self.outer_momentum = torch.zeros_like(self.slow_weights)
-        self.published = (self.slow_weights, self.outer_momentum, 0)
+        self.published = SlowState.of(self.slow_weights, self.outer_momentum, 0)
         self.sampler = ShardSampler(corpus, shard, cfg.num_shards, cfg.context, cfg.batch_size, sampler_seed)
         self.heldout = heldout_batches(corpus, cfg.context, cfg.batch_size, cfg.eval_batches)
         self.global_step = 0
@@ -246,23 +272,14 @@ class Trainer:
         return distance
 
     def _set_slow_state(self, slow: torch.Tensor, momentum: torch.Tensor) -> None:
-        """Start a new round from φ: θ ← φ. φ and δ are replaced, never mutated in place, so a
-        donor streaming `slow_state()` to a joiner keeps reading one consistent pair."""
+        """Start a new round from φ: θ ← φ, and publish the boundary (on CUDA this copies φ and δ to
+        the host here, on the trainer thread, not on the event loop)."""
         self.slow_weights, self.outer_momentum = slow, momentum
         self._load_parameters(self.slow_weights)
         self.step_in_round = 0
-        self.published = (slow, momentum, self.global_step)
+        self.published = SlowState.of(slow, momentum, self.global_step)
 
     # ------------------------------------------------------------------ state: checkpoints and joins
-    def slow_state(self, published: tuple | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-        """φ, δ (flat float32 CPU arrays) and the global step of a round boundary (default: the last one).
-
-        Safe from another thread while the trainer runs: `published` is replaced atomically and
-        its tensors are never written to. On CPU the arrays are views, not copies.
-        """
-        slow, momentum, step = published or self.published
-        return slow.float().cpu().numpy(), momentum.float().cpu().numpy(), step
-
     def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """Everything needed to continue exactly here: (JSON-able meta, tensors)."""
         tensors = {"phi": self.slow_weights, "momentum": self.outer_momentum, "rng.torch": torch.get_rng_state()}

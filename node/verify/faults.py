@@ -87,11 +87,11 @@ def fault_from_env(environ: Mapping[str, str]) -> Fault | None:
     return parse_fault(text)
 
 
-def cheat(trainer: Any, fault: Fault, generator: torch.Generator, verification: Any, round_: int) -> None:
-    """θ ← φ + attack(θ − φ) on the trainer thread; with `+hide` the commitment keeps the honest Δ."""
+def cheat(trainer: Any, fault: Fault, generator: torch.Generator, round_: int) -> torch.Tensor | None:
+    """θ ← φ + attack(θ − φ) on the trainer thread. Returns the update to commit to instead of the
+    one sent (the honest Δ, with `+hide`), or None."""
     phi = trainer.slow_weights
     delta = trainer.fast_weights() - phi
     trainer.load_fast_weights(phi + fault.apply(delta, generator))
-    if fault.hide and verification is not None:
-        verification.committed_update = delta
     logger.warning("TEST FAULT INJECTION: round %d sends a %s update", round_, fault)
+    return delta if fault.hide else None

@@ -203,6 +203,16 @@ class Audit:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A round's commitment with what is sent to the partner and served to its auditors (from the trainer thread)."""
+
+    commitment: Commitment
+    outgoing: dict[str, np.ndarray]
+    served: dict[str, np.ndarray]
+    seconds: float
+
+
+@dataclass(frozen=True)
 class RetainedStart:
     tensors: dict[str, np.ndarray]  # the start state (START_TENSORS) and the sent tensors ("sent.<name>")
     digest: str
@@ -235,8 +245,6 @@ class Verification:
         self._own_audits: dict[int, float] = {}  # our rounds drawn for audit -> when we saw the receipt
         self._ignored: set[str] = set()  # receipts under {run}.audits that failed validation
         self.keys = {"audits": f"{settings.run_id}.audits"}
-        # test-only fault injection ("+hide"): the update to sign instead of the one sent
-        self.committed_update: torch.Tensor | None = None
         self.stopping = False
         self.service = StreamService(p2p, AUDIT_PROTOCOL, AuditRequest, settings.stream, metrics, "audit",
                                      serve=self._serve_audit, failed=self._audit_upload_failed)
@@ -260,8 +268,9 @@ class Verification:
         return set(self.flagged) | self.distrusted
 
     # ------------------------------------------------------------------ 1. commit
-    def _prepare(self, round_: int) -> tuple[Commitment, dict[str, np.ndarray]] | None:
-        """On the trainer thread: (commitment, tensors to send), or None if this round cannot be committed."""
+    def _prepare(self, round_: int, committed_update: torch.Tensor | None) -> Prepared | None:
+        """On the trainer thread: this round's commitment and what it sends and serves, or None if it
+        cannot be committed. Reads the trainer only; the loop does the bookkeeping (see `commit`)."""
         started = time.perf_counter()
         start = self.trainer.round_start
         if start is None or not self.trainer.round_complete:
@@ -269,13 +278,9 @@ class Verification:
         outgoing = self.trainer.outgoing_tensors()
         delta = self.trainer.fast_weights() - self.trainer.slow_weights
         commitment, served = make_commitment(self.settings.run_id, self.me, round_, start, outgoing,
-                                             delta if self.committed_update is None else self.committed_update,
+                                             delta if committed_update is None else committed_update,
                                              self.signer, self.settings.inner_steps)
-        self.committed_update = None
-        self.retained[round_] = RetainedStart(served, commitment.start_digest, time.monotonic())
-        self._prune_retained()
-        self.metrics.verify_compute_seconds.inc(time.perf_counter() - started)
-        return commitment, outgoing
+        return Prepared(commitment, outgoing, served, time.perf_counter() - started)
 
     def _prune_retained(self) -> None:
         """Keep the start states of the last `audit_window` rounds, and of older rounds drawn for audit
@@ -293,15 +298,20 @@ class Verification:
         """An audit with no majority this long after it was drawn is abandoned (undecided)."""
         return (MAX_RESERVES + 2) * self.settings.vote_timeout
 
-    async def commit(self, round_: int) -> dict[str, np.ndarray] | None:
-        """Publish this round's signed commitment; returns the tensors to send (None: do not pair this round)."""
-        prepared = await self.compute(self._prepare, round_)
+    async def commit(self, round_: int, committed_update: torch.Tensor | None = None) -> dict[str, np.ndarray] | None:
+        """Publish this round's signed commitment; returns the tensors to send (None: do not pair this round).
+
+        committed_update: test-only fault injection ("+hide"): the update to sign instead of the one sent."""
+        prepared = await self.compute(self._prepare, round_, committed_update)
         if prepared is None:
             self.metrics.commitments.labels(result="skipped").inc()
             logger.info("round %d was resumed mid-way: its start state is gone, so it is not committed "
                         "and not paired", round_)
             return None
-        commitment, outgoing = prepared
+        commitment, outgoing = prepared.commitment, prepared.outgoing
+        self.retained[round_] = RetainedStart(prepared.served, commitment.start_digest, time.monotonic())
+        self._prune_retained()
+        self.metrics.verify_compute_seconds.inc(prepared.seconds)
         blob = envelope(commitment, self.identity.sign(signing_bytes(commitment)))
         stored = await self.membership.client.store(self._commit_key(round_), blob,
                                                     get_dht_time() + self.settings.record_ttl, subkey=self.me)
@@ -419,11 +429,11 @@ class Verification:
         finally:
             stream.close()
 
-    def _judge(self, audit: Audit, tensors: dict[str, np.ndarray]) -> Judgement:
-        """On the trainer thread: replay and judge, timed as verification compute."""
+    def _judge(self, commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarray]) -> Judgement:
+        """On the trainer thread (immutable inputs only): replay and judge, timed as verification compute."""
         started = time.perf_counter()
         try:
-            return judge_audit(audit.commitment, audit.seed, tensors, self.replayer, self.signer,
+            return judge_audit(commitment, seed, tensors, self.replayer, self.signer,
                                self.settings.tolerances, self.settings.inner_steps)
         finally:
             seconds = time.perf_counter() - started
@@ -462,7 +472,7 @@ class Verification:
             if claimed != audit.commitment.start_digest:
                 reason = "offered start state is not the committed one"
             else:
-                judgement = await self.compute(self._judge, audit, tensors)
+                judgement = await self.compute(self._judge, audit.commitment, audit.seed, tensors)
                 verdict, comparison, reason = judgement.verdict, judgement.comparison, judgement.reason
         vote = Vote(self.settings.run_id, peer, round_, self.me, verdict, reason[:200],
                     comparison.hamming if comparison else 1.0, comparison.rel_l2 if comparison else 1e30,

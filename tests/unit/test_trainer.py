@@ -131,7 +131,8 @@ def test_stop_checkpoint_resume_continues_step_for_step(corpus, config, tmp_path
 def test_adopt_takes_the_donors_slow_state_and_step(corpus, config):
     donor = Trainer(config(), corpus, shard=0, sampler_seed=1)
     _run_rounds(donor, 2)
-    slow, momentum, step = donor.slow_state()
+    boundary = donor.published
+    slow, momentum, step = boundary.slow, boundary.momentum, boundary.global_step
     joiner = Trainer(config(), corpus, shard=1, sampler_seed=2)
     joiner.adopt(slow.copy(), momentum.copy(), step)
     assert joiner.global_step == step == 6 and joiner.step_in_round == 0
@@ -139,6 +140,18 @@ def test_adopt_takes_the_donors_slow_state_and_step(corpus, config):
     assert joiner.evaluate() == pytest.approx(donor.evaluate(), abs=1e-6)
     with pytest.raises(ValueError, match="parameters"):
         joiner.adopt(slow[:10].copy(), momentum[:10].copy(), step)
+
+
+def test_the_published_boundary_is_a_read_only_snapshot_that_training_does_not_move(corpus, config):
+    trainer = Trainer(config(), corpus, shard=0, sampler_seed=1)
+    _run_rounds(trainer, 1)
+    boundary = trainer.published
+    before = boundary.slow.copy()
+    assert not boundary.slow.flags.writeable and not boundary.momentum.flags.writeable
+    trainer.run_round()  # inner steps move θ only
+    assert np.array_equal(boundary.slow, before)
+    trainer.apply_outer_step(None)  # a new boundary is a new snapshot; the old one stays as it was
+    assert trainer.published is not boundary and np.array_equal(boundary.slow, before)
 
 
 def test_inner_steps_leave_the_slow_weights_alone(corpus, config):
