@@ -55,10 +55,6 @@ class UpdateSignature:
     sketch: tuple[float, ...]  # the first projections scaled by 1/sqrt(len): an L2-preserving sketch
     norm: float
 
-    @property
-    def num_bits(self) -> int:
-        return len(self.bits) * 8
-
 
 @dataclass(frozen=True)
 class Tolerances:

@@ -99,7 +99,7 @@ class FrameStream:
     async def send_error(self, error: ProtocolError) -> None:
         """Best effort: tell the peer why we close (it may already be gone)."""
         try:
-            await asyncio.wait_for(self.send(ErrorMessage(kind=error.kind, message=str(error)[:256])), 1.0)
+            await asyncio.wait_for(self.send(ErrorMessage.from_exception(error)), 1.0)
         except Exception:  # noqa: BLE001 - the stream is being closed anyway
             pass
 

@@ -28,7 +28,6 @@ from node.train.outer_step import OuterHyper, outer_step_full, outer_step_theta
 class RoundStats:
     steps: int
     mean_loss: float
-    last_loss: float
     tokens: int
     seconds: float
     losses: tuple[float, ...] = ()  # every inner step's loss, in order
@@ -220,12 +219,12 @@ class Trainer:
             self.global_step += 1
             self.step_in_round += 1
         if not losses:
-            return RoundStats(0, math.nan, math.nan, 0, time.perf_counter() - started)
+            return RoundStats(0, math.nan, 0, time.perf_counter() - started)
         values = torch.stack(losses).float().cpu()
         if not torch.isfinite(values).all():
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
         tokens = len(losses) * self.cfg.batch_size * self.cfg.context
-        return RoundStats(len(losses), float(values.mean()), float(values[-1]), tokens, time.perf_counter() - started,
+        return RoundStats(len(losses), float(values.mean()), tokens, time.perf_counter() - started,
                           tuple(values.tolist()))
 
     @torch.no_grad()
