@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import uvloop
 
 LOG_TAIL_LINES = 20  # how much of the child's stderr a failure report shows
@@ -59,6 +61,17 @@ async def announce_and_serve(role: str, ready_out: IO[str], prefix: str, ready: 
     return True
 
 
+async def shutdown_p2pd(p2p, role: str | None = None) -> None:
+    """Shut down a hivemind P2P (None: it never started), best effort: a warning, prefixed with ``role``, on failure."""
+    if p2p is None:
+        return
+    try:
+        await asyncio.wait_for(p2p.shutdown(), 10)
+    except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
+        prefix = f"{role}: " if role else ""
+        print(f"{prefix}warning: p2pd shutdown: {error!r}", file=sys.stderr, flush=True)
+
+
 def serve_entry(argv: list[str], module: str, description: str, role: str, serve_main: ServeMain) -> int:
     """``python -m node.<module> --serve --numel N [--lifetime S]``: run ``serve_main`` on uvloop; its exit status.
 
@@ -84,6 +97,17 @@ def serve_entry(argv: list[str], module: str, description: str, role: str, serve
 
 
 # ---------------------------------------------------------------------- the parent's side
+def machine_line() -> str:
+    """The report header's last line: Python, numpy and torch, and the CPUs both peers share."""
+    cpus = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    torch_note = "imported by hivemind, unused here" if "torch" in sys.modules else "not imported"
+    return (
+        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch_note}; "
+        f"CPUs {cpus} ({usable} usable), shared by both peers and their p2pds"
+    )
+
+
 def run_parent(main: Awaitable[int]) -> int:
     """Run a benchmark's main coroutine on uvloop: its status, 130 on Ctrl-C, 1 (with a message) on failure.
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +43,15 @@ from typing import IO, TypeVar
 
 import numpy as np
 
-from node.bench.child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
+from node.bench.child import (
+    LOG_TAIL_LINES,
+    ChildProcess,
+    announce_and_serve,
+    machine_line,
+    run_parent,
+    serve_entry,
+    shutdown_p2pd,
+)
 from node.table import format_table
 
 T = TypeVar("T")
@@ -209,11 +216,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
     finally:
         if server is not None:
             server.close()
-        if p2p is not None:
-            try:
-                await asyncio.wait_for(p2p.shutdown(), 10)
-            except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
-                print(f"responder: warning: p2pd shutdown: {error!r}", file=sys.stderr, flush=True)
+        await shutdown_p2pd(p2p, "responder")
     return 1 if responder.failures else 0
 
 
@@ -305,27 +308,18 @@ async def _bench_p2p(ready: dict, a: np.ndarray, b: np.ndarray, repeats: int) ->
         exchange = await _repeat("gossiptrain", repeats, opener(SWAP_PROTOCOL), _swap_work(a), b)
         return stream, exchange
     finally:
-        if p2p is not None:
-            try:
-                await asyncio.wait_for(p2p.shutdown(), 10)
-            except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
-                print(f"warning: p2pd shutdown: {error!r}", file=sys.stderr)
+        await shutdown_p2pd(p2p)
 
 
 # ---------------------------------------------------------------------- report
 def _header(numel: int, repeats: int) -> str:
-    cpus = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    torch_note = "imported by hivemind, unused here" if "torch" in sys.modules else "not imported"
     return (
         f"pair exchange, full duplex: numel={numel:,} fp32 = {numel * 4 / 1e6:.1f} MB per direction, "
         f"chunks {CHUNK_BYTES // 2**20} MiB, median of {repeats} after 1 warm-up\n"
         f"two peers as separate processes on this machine over loopback (initiator: this process; "
         f"responder: python -m node.bench.exchange --serve), each with its own uvloop event loop and, "
         f"for the p2pd modes, its own p2pd; timed by the initiator until both hold the partner's tensor, "
-        f"verified outside the timed region\n"
-        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch_note}; "
-        f"CPUs {cpus} ({usable} usable), shared by both peers and their p2pds"
+        f"verified outside the timed region\n" + machine_line()
     )
 
 

@@ -37,7 +37,6 @@ import asyncio
 import gc
 import hashlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +45,15 @@ from typing import IO
 
 import numpy as np
 
-from node.bench.child import LOG_TAIL_LINES, ChildProcess, announce_and_serve, run_parent, serve_entry
+from node.bench.child import (
+    LOG_TAIL_LINES,
+    ChildProcess,
+    announce_and_serve,
+    machine_line,
+    run_parent,
+    serve_entry,
+    shutdown_p2pd,
+)
 from node.table import format_table
 
 LARGE_NUMEL = 100_000_000  # the second default size: a ~100M-parameter state, 800 MB of φ and δ
@@ -192,11 +199,7 @@ async def _serve_main(numel: int, lifetime: float, ready_out: IO[str]) -> int:
         if not await announce_and_serve("donor", ready_out, READY_PREFIX, ready, lifetime):
             return 1
     finally:
-        if p2p is not None:
-            try:
-                await asyncio.wait_for(p2p.shutdown(), 10)
-            except Exception as error:  # noqa: BLE001 - best effort; the daemon was terminated
-                print(f"donor: warning: p2pd shutdown: {error!r}", file=sys.stderr, flush=True)
+        await shutdown_p2pd(p2p, "donor")
     bad = {
         result: metrics.registry.get_sample_value("gossiptrain_state_uploads_total", {"result": result}) or 0
         for result in ("refused", "failed")
@@ -296,11 +299,7 @@ async def _bench_size(numel: int, repeats: int, meter: PeakMeter) -> SizeResult:
         except Exception as caught:  # noqa: BLE001 - reported below, with the donor's side of it
             error = caught
         finally:
-            if p2p is not None:
-                try:
-                    await asyncio.wait_for(p2p.shutdown(), 10)
-                except Exception as shutdown_error:  # noqa: BLE001 - best effort; the daemon was terminated
-                    print(f"warning: p2pd shutdown: {shutdown_error!r}", file=sys.stderr)
+            await shutdown_p2pd(p2p)
             code = await donor.stop(STOP_TIMEOUT)
         if error is None and code != 0:
             error = RuntimeError(f"the donor process exited with status {code}")
@@ -319,9 +318,6 @@ def _header(repeats: int, meter: PeakMeter) -> str:
     from node.config import NodeConfig
 
     cfg = NodeConfig()
-    cpus = os.cpu_count() or 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    torch_note = "imported by hivemind, unused here" if "torch" in sys.modules else "not imported"
     return (
         f"state sync: a joiner downloads φ and δ (2 × numel fp32) from one donor with node.join.statesync.download_state, "
         f"{repeats} downloads per size, each on a fresh stream, no warm-up (a joiner downloads once)\n"
@@ -331,9 +327,7 @@ def _header(repeats: int, meter: PeakMeter) -> str:
         f"{cfg.max_frame_bytes / 2**20:.0f} MiB, I/O timeout {cfg.io_timeout:.0f}s; timed from calling "
         f"download_state until it returns; arrays checked against the donor's blake2b outside the timed region\n"
         f"{meter.method}; ratio = growth / state bytes (1.00x: the state is held once); the joiner's p2pd, "
-        f"a separate process, is not counted\n"
-        f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch_note}; "
-        f"CPUs {cpus} ({usable} usable), shared by both peers and their p2pds"
+        f"a separate process, is not counted\n" + machine_line()
     )
 
 

@@ -18,8 +18,7 @@ import sys
 
 import uvloop
 
-from node.cli.run import add_config_flags, config_from_args
-from node.config import ConfigError
+from node.cli.run import add_config_flags, load_config_or_exit
 from node.join.peers_file import PeersFileError, all_initial_peers
 from node.ops.doctor import FAIL, Check, run_checks, to_json
 
@@ -41,12 +40,10 @@ def line(check: Check) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as error:
-        print(f"[FAIL] config        {error}\n       {'':<13} fix: correct the flag, environment variable or "
-              "config file named above", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(args, "[FAIL] config        ",
+                              f"\n       {'':<13} fix: correct the flag, environment variable or config file named above")
+    if isinstance(cfg, int):
+        return cfg
     try:
         cfg = dataclasses.replace(cfg, initial_peers=all_initial_peers(cfg.initial_peers, cfg.initial_peers_file))
     except PeersFileError as error:

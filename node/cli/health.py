@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from protocol.records import NodeStatus
 
-from node.cli.run import add_config_flags, config_from_args
-from node.config import ConfigError
+from node.cli.run import add_config_flags, load_config_or_exit
 from node.workdir import STATUS_FILE, StatusUnreadable, existing_work_dirs, is_locked, pid_namespace, read_status
 
 METRICS_TIMEOUT = 5.0
@@ -94,11 +92,10 @@ def check(template: str) -> tuple[bool, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as error:
-        print(f"unhealthy: config error: {error}", file=sys.stderr)
-        return 1  # a HEALTHCHECK must exit 0 or 1 (2 is reserved by Docker)
+    # a config error exits 1, not EXIT_CONFIG: a HEALTHCHECK must exit 0 or 1 (2 is reserved by Docker)
+    cfg = load_config_or_exit(args, "unhealthy: config error: ", code=1)
+    if isinstance(cfg, int):
+        return cfg
     healthy, detail = check(cfg.work_dir)
     print(f"{'healthy' if healthy else 'unhealthy'}: {detail}", flush=True)
     return 0 if healthy else 1

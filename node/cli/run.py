@@ -44,6 +44,16 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return merge_config({name: getattr(args, name) for name in FIELDS}, os.environ, file_values)
 
 
+def load_config_or_exit(args: argparse.Namespace, prefix: str, suffix: str = "", code: int = EXIT_CONFIG) -> NodeConfig | int:
+    """The verb's config from its flags, environment and file; on a ConfigError, print prefix + error + suffix
+    to stderr and return ``code``, the verb's exit status."""
+    try:
+        return config_from_args(args)
+    except ConfigError as error:
+        print(f"{prefix}{error}{suffix}", file=sys.stderr)
+        return code
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()), stream=sys.stderr,
@@ -95,11 +105,9 @@ async def run_node(cfg: NodeConfig) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as error:
-        print(f"gossiptrain: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_config_or_exit(args, "gossiptrain: config error: ")
+    if isinstance(cfg, int):
+        return cfg
     setup_logging(cfg.log_level)
     # until run_node installs its handlers, node.cli.main's handler exits cleanly at once: nothing has
     # been started that would need stopping

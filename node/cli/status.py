@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from node.cli.run import add_config_flags, config_from_args
-from node.config import ConfigError
+from node.cli.run import add_config_flags, load_config_or_exit
 from node.join.peers_file import PeersFileError, all_initial_peers
 from node.metrics import FAILED_RESULTS
 from node.table import format_table
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 CLIENT_START_TIMEOUT = 30.0  # p2pd start plus the first contact with an initial peer (hivemind loads lazily)
 
 EXIT_NO_PEERS = 1
-EXIT_CONFIG = 2
 
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
@@ -94,11 +92,9 @@ async def collect(initial_peers: list[str], run_id: str, timeout: float) -> Swar
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as error:
-        print(f"gossiptrain status: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_config_or_exit(args, "gossiptrain status: config error: ")
+    if isinstance(cfg, int):
+        return cfg
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(logging.ERROR)
     from node.ops.status import SwarmUnreachable

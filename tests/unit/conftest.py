@@ -1,17 +1,23 @@
 """Shared unit-test fixtures: the built-in corpus, loaded once, NodeConfigs of a tiny model, and the metric
-names a node exports."""
+names a node exports; and the protocol tests' helpers (import them: `from tests.unit.conftest import pack`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import prometheus_client
 import pytest
+
+from protocol import InvalidField, Message, decode_message, encode_message
 
 from node.config import NodeConfig
 from node.metrics import NodeMetrics
 from node.train.data import Corpus, load_corpus
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A model small enough that a round of inner steps takes milliseconds on one CPU thread.
 TINY_MODEL: dict[str, Any] = {"d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "batch_size": 4,
@@ -42,3 +48,32 @@ def exported_metric_names() -> frozenset[str]:
     text = prometheus_client.generate_latest(metrics.registry).decode()
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     return frozenset(names | {"up"})
+
+
+# --- protocol test helpers ----------------------------------------------------------
+
+
+def read_spec() -> str:
+    """protocol/SPEC.md, the wire format's description."""
+    return (REPO_ROOT / "protocol" / "SPEC.md").read_text()
+
+
+def raw_map(msg: Message) -> dict[str, Any]:
+    """``msg`` as encoded, unpacked into its msgpack map: what a test mutates before packing it again."""
+    raw: dict[str, Any] = msgpack.unpackb(encode_message(msg), raw=False)
+    return raw
+
+
+def pack(obj: Any) -> bytes:
+    """``obj`` as a msgpack body, bypassing the codec's checks."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def assert_decode_refuses_field(msg: Message, field: str, value: Any) -> None:
+    """Decoding ``msg`` with ``field`` set to ``value`` raises InvalidField, which names the field."""
+    raw = raw_map(msg)
+    raw[field] = value
+    with pytest.raises(InvalidField) as info:
+        decode_message(pack(raw))
+    assert field in str(info.value)
+    assert info.value.kind == "field"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,11 +46,15 @@ from protocol import (
     encode_message,
 )
 
+from tests.unit.conftest import assert_decode_refuses_field, pack, raw_map
+
 # --- strategies ---------------------------------------------------------------
 
 _text = st.text(max_size=MAX_STR_CHARS)
 _uint = st.integers(min_value=0, max_value=2**64 - 1)
 _round = st.integers(min_value=0, max_value=2**63 - 1)  # rounds are u63 (SPEC.md §3)
+# the tensor list an exchange request, a state offer and an audit offer announce
+_TENSOR_LIST = {"tensors": st.lists(_text, max_size=MAX_TENSORS).map(tuple), "numel": _uint, "dtype": _text}
 
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(ErrorMessage, kind=_text, message=_text),
@@ -61,9 +64,7 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
         manifest_hash=_text,
         round=_round,
         sender=_text,
-        tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
-        numel=_uint,
-        dtype=_text,
+        **_TENSOR_LIST,
     ),
     st.builds(ExchangeAccept, round=_round),
     st.builds(ExchangeReject, reason=st.sampled_from(REJECT_REASONS), round=_round),
@@ -84,18 +85,14 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
         round=_round,
         global_step=_uint,
         manifest_hash=_text,
-        tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
-        numel=_uint,
-        dtype=_text,
+        **_TENSOR_LIST,
     ),
     st.builds(AuditRequest, run_id=_text, manifest_hash=_text, sender=_text, round=_round),
     st.builds(
         AuditOffer,
         round=_round,
         start_digest=_text,
-        tensors=st.lists(_text, max_size=MAX_TENSORS).map(tuple),
-        numel=_uint,
-        dtype=_text,
+        **_TENSOR_LIST,
     ),
 )
 
@@ -126,15 +123,6 @@ def _request(**overrides: Any) -> ExchangeRequest:
     return ExchangeRequest(**fields)
 
 
-def _raw(msg: Message) -> dict[str, Any]:
-    raw: dict[str, Any] = msgpack.unpackb(encode_message(msg), raw=False)
-    return raw
-
-
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
 # --- round trips ----------------------------------------------------------------
 
 
@@ -157,7 +145,7 @@ def test_every_message_round_trips_through_split_frames(msg: Message, piece: int
 @settings(max_examples=100, deadline=None)
 @given(msg=MESSAGES)
 def test_encoded_body_carries_version_and_type(msg: Message) -> None:
-    raw = _raw(msg)
+    raw = raw_map(msg)
     assert raw["v"] == PROTOCOL_VERSION
     assert raw["t"] == int(msg.TYPE)
 
@@ -180,16 +168,16 @@ def test_spec_worked_example_bytes_are_exact() -> None:
 
 
 def test_decoded_sequences_are_tuples() -> None:
-    msg = decode_message(_pack({"v": 1, "t": 4, "name": "theta", "dtype": "float32",
-                                "shape": [2, 3], "chunk_bytes": 8, "num_chunks": 3}))
+    msg = decode_message(pack({"v": 1, "t": 4, "name": "theta", "dtype": "float32",
+                               "shape": [2, 3], "chunk_bytes": 8, "num_chunks": 3}))
     assert isinstance(msg, TensorHeader)
     assert msg.shape == (2, 3)
 
 
 def test_decode_ignores_unknown_extra_fields() -> None:
-    raw = _raw(ExchangeAccept(round=5))
+    raw = raw_map(ExchangeAccept(round=5))
     raw["future_field"] = {"anything": [1, 2, 3]}
-    assert decode_message(_pack(raw)) == ExchangeAccept(round=5)
+    assert decode_message(pack(raw)) == ExchangeAccept(round=5)
 
 
 def test_encode_accepts_bytearray_and_memoryview_chunk_data() -> None:
@@ -227,14 +215,14 @@ def test_decode_of_arbitrary_bytes_raises_only_protocol_errors(body: bytes) -> N
 def test_decode_of_mutated_maps_raises_only_protocol_errors(
     msg: Message, changes: list[tuple[str, Any]]
 ) -> None:
-    raw = _raw(msg)
+    raw = raw_map(msg)
     for key, value in changes:
         if value is None and key in raw:
             del raw[key]
         else:
             raw[key] = value
     try:
-        decoded = decode_message(_pack(raw))
+        decoded = decode_message(pack(raw))
     except ProtocolError:
         return
     assert encode_message(decoded)  # anything accepted is itself valid to send
@@ -242,28 +230,28 @@ def test_decode_of_mutated_maps_raises_only_protocol_errors(
 
 @pytest.mark.parametrize("version", [0, 2, -1, 2**64 - 1, "1", 1.0, True, None, [1]])
 def test_decode_refuses_wrong_version(version: Any) -> None:
-    raw = _raw(ExchangeAccept(round=1))
+    raw = raw_map(ExchangeAccept(round=1))
     raw["v"] = version
     with pytest.raises(UnsupportedVersion) as info:
-        decode_message(_pack(raw))
+        decode_message(pack(raw))
     assert info.value.kind == "version"
 
 
 def test_decode_refuses_missing_version() -> None:
     with pytest.raises(UnsupportedVersion):
-        decode_message(_pack({"t": 2, "round": 1}))
+        decode_message(pack({"t": 2, "round": 1}))
 
 
 @pytest.mark.parametrize("tag", [max(MessageType) + 1, 99, -1, "2", 2.0, True, None])
 def test_decode_refuses_unknown_type(tag: Any) -> None:
     with pytest.raises(UnknownMessageType) as info:
-        decode_message(_pack({"v": 1, "t": tag, "round": 1}))
+        decode_message(pack({"v": 1, "t": tag, "round": 1}))
     assert info.value.kind == "type"
 
 
 def test_decode_refuses_missing_type() -> None:
     with pytest.raises(UnknownMessageType):
-        decode_message(_pack({"v": 1, "round": 1}))
+        decode_message(pack({"v": 1, "round": 1}))
 
 
 @pytest.mark.parametrize(
@@ -271,12 +259,12 @@ def test_decode_refuses_missing_type() -> None:
     [
         b"",
         b"\xc1",  # never-used msgpack byte
-        _pack([1, 2, 3]),
-        _pack("a string"),
-        _pack(7),
-        _pack({"v": 1, "t": 2, "round": 1}) + b"\x00",  # trailing bytes
-        _pack({"v": 1, "t": 2, "round": 1})[:-1],  # truncated
-        _pack({1: 1, "t": 2}),  # non-string key
+        pack([1, 2, 3]),
+        pack("a string"),
+        pack(7),
+        pack({"v": 1, "t": 2, "round": 1}) + b"\x00",  # trailing bytes
+        pack({"v": 1, "t": 2, "round": 1})[:-1],  # truncated
+        pack({1: 1, "t": 2}),  # non-string key
         b"\x81\xa1v\xa2\xff\xfe",  # invalid UTF-8 string
         b"\x91" * 5000 + b"\xc0",  # absurdly nested arrays
         b"\xdd\xff\xff\xff\xff",  # array announcing 4 billion entries
@@ -316,20 +304,15 @@ def test_decode_refuses_malformed_bodies(body: bytes) -> None:
     ],
 )
 def test_decode_refuses_wrong_field_values(msg: Message, field: str, value: Any) -> None:
-    raw = _raw(msg)
-    raw[field] = value
-    with pytest.raises(InvalidField) as info:
-        decode_message(_pack(raw))
-    assert field in str(info.value)
-    assert info.value.kind == "field"
+    assert_decode_refuses_field(msg, field, value)
 
 
 @pytest.mark.parametrize("field", ["run_id", "manifest_hash", "round", "sender", "tensors", "numel", "dtype"])
 def test_decode_refuses_missing_field(field: str) -> None:
-    raw = _raw(_request())
+    raw = raw_map(_request())
     del raw[field]
     with pytest.raises(InvalidField, match=field):
-        decode_message(_pack(raw))
+        decode_message(pack(raw))
 
 
 def test_decode_accepts_string_at_length_limit() -> None:
@@ -427,10 +410,10 @@ def test_round_of_2_pow_63_is_refused_on_the_wire(msg: Message) -> None:
     assert decode_message(encode_message(largest)) == largest
     with pytest.raises(InvalidField, match="'round' must be at most"):
         encode_message(dataclasses.replace(msg, round=2**63))
-    raw = _raw(msg)
+    raw = raw_map(msg)
     raw["round"] = 2**63  # msgpack carries it as uint64; the codec refuses it
     with pytest.raises(InvalidField, match="'round' must be at most") as info:
-        decode_message(_pack(raw))
+        decode_message(pack(raw))
     assert info.value.kind == "field"
 
 

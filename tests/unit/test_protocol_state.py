@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -45,7 +43,8 @@ from protocol import (
 )
 from protocol.messages import MAX_U63, MAX_UINT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.conftest import assert_decode_refuses_field, pack, raw_map, read_spec
+
 STATE_TENSORS = ("phi", "momentum")
 HASH = "9f86d081"
 
@@ -71,15 +70,6 @@ def _offer(**overrides: Any) -> StateOffer:
     return StateOffer(**fields)
 
 
-def _raw(msg: Message) -> dict[str, Any]:
-    raw: dict[str, Any] = msgpack.unpackb(encode_message(msg), raw=False)
-    return raw
-
-
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
 def _frames(msgs: list[Message]) -> bytes:
     return b"".join(encode_frame(encode_message(m)) for m in msgs)
 
@@ -103,16 +93,12 @@ def test_state_messages_are_frozen() -> None:
 
 
 def test_reject_reasons_keep_their_order_and_cover_a_donor() -> None:
-    assert REJECT_REASONS == (
-        "busy",
-        "not_ready",
-        "stale",
-        "manifest",
-        "flagged",
-        "shutting_down",
-        "bad_request",
-        "no_state",
-    )
+    # the list, in order, that SPEC.md gives for ExchangeReject's `reason`; `no_state` is a donor's (§11)
+    spec = " ".join(read_spec().split())
+    listed = re.search(r"`reason` must be one of (.*?) \(`REJECT_REASONS`", spec)
+    assert listed is not None
+    assert REJECT_REASONS == tuple(re.findall(r"`(\w+)`", listed.group(1)))
+    assert REJECT_REASONS[-1] == "no_state"
 
 
 @pytest.mark.parametrize("reason", ["busy", "manifest", "shutting_down", "no_state"])
@@ -127,11 +113,11 @@ def test_donor_rejects_round_trip(reason: str) -> None:
 def test_state_request_and_offer_round_trip() -> None:
     for msg in (_request(), _offer(), _offer(tensors=(), numel=0)):
         assert decode_message(encode_message(msg)) == msg
-    assert _raw(_request()) == {"v": 1, "t": 8, "run_id": "run-1", "manifest_hash": HASH,
-                                "sender": "12D3KooWpeer"}
-    assert _raw(_offer()) == {"v": 1, "t": 9, "round": 42, "global_step": 21000,
-                              "manifest_hash": HASH, "tensors": ["phi", "momentum"],
-                              "numel": 1000, "dtype": "float32"}
+    assert raw_map(_request()) == {"v": 1, "t": 8, "run_id": "run-1", "manifest_hash": HASH,
+                                   "sender": "12D3KooWpeer"}
+    assert raw_map(_offer()) == {"v": 1, "t": 9, "round": 42, "global_step": 21000,
+                                 "manifest_hash": HASH, "tensors": ["phi", "momentum"],
+                                 "numel": 1000, "dtype": "float32"}
 
 
 def test_decoded_offer_tensors_are_a_tuple() -> None:
@@ -152,9 +138,9 @@ def test_limits_are_inclusive() -> None:
 
 
 def test_decode_ignores_unknown_extra_fields() -> None:
-    raw = _raw(_offer())
+    raw = raw_map(_offer())
     raw["checkpoint_id"] = {"future": [1, 2]}
-    assert decode_message(_pack(raw)) == _offer()
+    assert decode_message(pack(raw)) == _offer()
 
 
 # --- refusals -------------------------------------------------------------------
@@ -185,12 +171,7 @@ _FIELD_CASES: list[tuple[Message, str, Any]] = (
 
 @pytest.mark.parametrize("msg, field, value", _FIELD_CASES)
 def test_decode_refuses_wrong_field_values(msg: Message, field: str, value: Any) -> None:
-    raw = _raw(msg)
-    raw[field] = value
-    with pytest.raises(InvalidField) as info:
-        decode_message(_pack(raw))
-    assert field in str(info.value)
-    assert info.value.kind == "field"
+    assert_decode_refuses_field(msg, field, value)
 
 
 @pytest.mark.parametrize("msg, field, value", _FIELD_CASES + [(_offer(), f, MAX_UINT + 1) for f in
@@ -203,10 +184,10 @@ def test_encode_refuses_what_a_peer_would_refuse(msg: Message, field: str, value
 @pytest.mark.parametrize("field", ["round", "global_step", "numel"])
 @pytest.mark.parametrize("flag", [True, False])
 def test_booleans_are_not_integers(field: str, flag: bool) -> None:
-    raw = _raw(_offer())
+    raw = raw_map(_offer())
     raw[field] = flag
     with pytest.raises(InvalidField, match=f"'{field}' must be an integer, got bool"):
-        decode_message(_pack(raw))
+        decode_message(pack(raw))
     with pytest.raises(InvalidField, match=field):
         encode_message(_offer(**{field: flag}))
 
@@ -217,17 +198,17 @@ def test_booleans_are_not_integers(field: str, flag: bool) -> None:
     + [(_offer(), f) for f in ("round", "global_step", "manifest_hash", "tensors", "numel", "dtype")],
 )
 def test_decode_refuses_missing_field(msg: Message, field: str) -> None:
-    raw = _raw(msg)
+    raw = raw_map(msg)
     del raw[field]
     with pytest.raises(InvalidField, match=f"{type(msg).__name__} is missing field '{field}'"):
-        decode_message(_pack(raw))
+        decode_message(pack(raw))
 
 
 def test_reject_with_unknown_reason_is_refused() -> None:
-    raw = _raw(ExchangeReject(reason="no_state", round=0))
+    raw = raw_map(ExchangeReject(reason="no_state", round=0))
     raw["reason"] = "no_weights"
     with pytest.raises(InvalidField, match="reason"):
-        decode_message(_pack(raw))
+        decode_message(pack(raw))
 
 
 @pytest.mark.parametrize(
@@ -426,7 +407,7 @@ def _spec_hex_dumps() -> list[bytes]:
     dumps: list[bytes] = []
     current: list[str] = []
     in_block = False
-    for line in (REPO_ROOT / "protocol" / "SPEC.md").read_text().splitlines():
+    for line in read_spec().splitlines():
         stripped = line.strip()
         if stripped.startswith("```"):
             in_block = not in_block
@@ -465,7 +446,7 @@ def test_spec_state_sync_examples_decode_and_are_byte_exact(msg: Message) -> Non
 
 
 def test_spec_describes_state_sync() -> None:
-    text = (REPO_ROOT / "protocol" / "SPEC.md").read_text()
+    text = read_spec()
     assert "## 11. State sync" in text
     assert "`gossiptrain/state/1`" in text
     assert "| 8 | `StateRequest` |" in text and "| 9 | `StateOffer` |" in text

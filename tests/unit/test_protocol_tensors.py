@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +37,8 @@ from protocol import (
     tensor_messages,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.conftest import read_spec
+
 THETA = TensorSpec("theta", "float32", (4, 3))
 
 
@@ -388,7 +388,7 @@ def test_finiteness_check_spans_blocks_of_a_large_tensor() -> None:
 
 def test_spec_worked_example_transfer_bytes_are_exact() -> None:
     # The hex dumps in protocol/SPEC.md must be what the code actually sends.
-    spec_text = re.sub(r"\s", "", (REPO_ROOT / "protocol" / "SPEC.md").read_text())
+    spec_text = re.sub(r"\s", "", read_spec())
     spec = TensorSpec("theta", "float32", (1,))
     messages: list[Message] = list(tensor_messages(spec, bytes.fromhex("0000803f"), chunk_bytes=4))
     messages.append(ExchangeReject(reason="busy", round=7))
