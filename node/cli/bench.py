@@ -1,5 +1,6 @@
-"""`gossiptrain bench exchange|state-sync|verify`: pair-exchange throughput; how long a joiner takes to download
-the state; whether replay verification tells honest peers from cheaters, and what it costs."""
+"""`gossiptrain bench exchange|state-sync|verify|wan`: pair-exchange throughput; how long a joiner takes to download
+the state; whether replay verification tells honest peers from cheaters, and what it costs; a real swarm over an
+emulated WAN (root; its own flags, see `python -m node.bench.wan --help`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ EXCHANGE_NUMEL = 25_000_000
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("bench", help="benchmarks that print figures")
-    parser.add_argument("what", choices=["exchange", "state-sync", "verify"])
+    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan"],
+                        help="wan takes its own flags (--rate, --seconds, --row ...): python -m node.bench.wan --help")
     parser.add_argument(
         "--numel", type=int, nargs="+", default=None, metavar="N",
         help="exchange: fp32 parameters per side, one value (default 25M); state-sync: state sizes in parameters, "
@@ -23,10 +25,21 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
                         help="verify: start states (trials) to test (default 12)")
     parser.add_argument("--tiny", action="store_true",
                         help="verify: a small model and an 8-step round, for a smoke run")
-    parser.set_defaults(handler=main)
+    parser.set_defaults(handler=main, passthrough=True)  # wan: its own flags (node/bench/wan.py)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.what == "wan":
+        from node.bench import wan
+
+        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3:
+            print("bench wan: --numel, --repeats, --trials and --tiny are not wan flags "
+                  "(python -m node.bench.wan --help)", file=sys.stderr)
+            return 2
+        return wan.main(list(args.node_args))
+    if args.node_args:
+        print(f"bench {args.what}: unrecognized arguments: {' '.join(args.node_args)}", file=sys.stderr)
+        return 2
     if args.what != "verify" and (args.trials is not None or args.tiny):
         print(f"bench {args.what}: --trials and --tiny are for bench verify", file=sys.stderr)
         return 2

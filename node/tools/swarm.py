@@ -2,7 +2,9 @@
 
 Each node is a separate `python -m node run` process with its own p2pd, work dir and
 metrics port. The launcher learns each node's address from the node.json it writes,
-and its progress from its real /metrics endpoint.
+and its progress from its real /metrics endpoint. With `hosts` (NodeHost: a command prefix
+and an address, e.g. node/tools/netns.py's emulated network) node i runs on host i instead,
+listening on and announcing that address, its /metrics served there too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,16 @@ from node.tools import procs
 from node.workdir import StatusUnreadable, read_status
 
 START_TIMEOUT = 90.0
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class NodeHost:
+    """Where a node runs: the address it listens on, announces and serves /metrics at, and the command prefix that
+    puts its process there (e.g. `ip netns exec NS`, from node/tools/netns.py). Default: this machine's loopback."""
+
+    address: str = LOOPBACK
+    prefix: tuple[str, ...] = ()
 
 
 class SwarmError(RuntimeError):
@@ -39,10 +52,11 @@ class NodeProcess:
     process: subprocess.Popen
     log_path: Path
     status: dict[str, Any] = field(default_factory=dict)
+    address: str = LOOPBACK  # its metrics are served there
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.status['metrics_port']}/metrics"
+        return f"http://{self.address}:{self.status['metrics_port']}/metrics"
 
     @property
     def maddr(self) -> str:
@@ -103,6 +117,7 @@ class LocalSwarm:
         threads_per_node: int = 1,
         env: dict[str, str] | None = None,
         node_env: dict[int, dict[str, str]] | None = None,
+        hosts: Sequence[NodeHost] | None = None,
     ) -> None:
         self.num_nodes = num_nodes
         self.base_dir = Path(base_dir)
@@ -111,15 +126,24 @@ class LocalSwarm:
         self.threads_per_node = threads_per_node
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.node_env = node_env or {}  # extra environment of single nodes (tests: fault injection)
+        self.hosts = list(hosts or [])  # node i runs on hosts[i] (an emulated network); none: all on loopback
+        if self.hosts and len(self.hosts) < num_nodes:
+            raise ValueError(f"{num_nodes} nodes need {num_nodes} hosts, not {len(self.hosts)}")
         self.nodes: list[NodeProcess] = []
+
+    def host(self, index: int) -> NodeHost:
+        return self.hosts[index] if self.hosts else NodeHost()
 
     def command(self, index: int, initial_peers: list[str], extra: list[str] | None = None) -> list[str]:
         """The exact node command line (the same one docker-compose and the README use)."""
         port = self.metrics_base_port + index if self.metrics_base_port else 0
-        cmd = [sys.executable, "-m", "node", "run",
+        host = self.host(index)
+        cmd = [*host.prefix, sys.executable, "-m", "node", "run",
                "--work-dir", str(self.base_dir / f"node{index}"), "--metrics-port", str(port),
                "--threads", str(self.threads_per_node), "--shard", str(index % self.num_nodes),
                "--num-shards", str(self.num_nodes), "--min-peers", str(self.num_nodes - 1)]
+        if host.address != LOOPBACK:
+            cmd += ["--host", host.address, "--metrics-host", host.address]
         for peer in initial_peers:
             cmd += ["--initial-peer", peer]
         return cmd + self.node_args + list(extra or [])
@@ -135,7 +159,7 @@ class LocalSwarm:
                 env={**self.env, **self.node_env.get(index, {})},
                 start_new_session=True,  # a Ctrl-C in the launcher's terminal reaches the launcher only
             )
-        node = NodeProcess(index, work_dir, process, log_path)
+        node = NodeProcess(index, work_dir, process, log_path, address=self.host(index).address)
         if index < len(self.nodes):
             self.nodes[index] = node
         else:
