@@ -74,6 +74,19 @@ def default_max_concurrent(num_nodes: int) -> int:
     return max(1, (num_nodes - 1) // 2)
 
 
+def _check_schedule_args(num_nodes: int, limit: int, ranges: dict[str, tuple[float, float]],
+                         times: tuple[float, ...]) -> None:
+    if num_nodes < 2:
+        raise ValueError("chaos needs at least 2 nodes (a restart bootstraps through a live peer)")
+    if not 1 <= limit <= num_nodes - 1:
+        raise ValueError(f"max_concurrent must be in [1, {num_nodes - 1}], got {limit}")
+    for name, (low, high) in ranges.items():
+        if not 0 < low <= high:
+            raise ValueError(f"{name} must be a range 0 < low <= high, got {(low, high)}")
+    if min(times) < 0:
+        raise ValueError("first_s and the recover times must be >= 0")
+
+
 def make_schedule(
     seed: int,
     num_nodes: int,
@@ -104,17 +117,9 @@ def make_schedule(
     6. Kinds are dealt in seeded shuffles of all three, so per-kind counts differ by at most 1 and
        any schedule of 3 or more events contains every kind.
     """
-    if num_nodes < 2:
-        raise ValueError("chaos needs at least 2 nodes (a restart bootstraps through a live peer)")
     limit = default_max_concurrent(num_nodes) if max_concurrent is None else max_concurrent
-    if not 1 <= limit <= num_nodes - 1:
-        raise ValueError(f"max_concurrent must be in [1, {num_nodes - 1}], got {limit}")
-    for name, (low, high) in (("gap_s", gap_s), ("downtime_s", downtime_s), ("freeze_s", freeze_s)):
-        if not 0 < low <= high:
-            raise ValueError(f"{name} must be a range 0 < low <= high, got {(low, high)}")
-    if first_s < 0 or restart_recover_s < 0 or freeze_recover_s < 0:
-        raise ValueError("first_s and the recover times must be >= 0")
-
+    _check_schedule_args(num_nodes, limit, {"gap_s": gap_s, "downtime_s": downtime_s, "freeze_s": freeze_s},
+                         (first_s, restart_recover_s, freeze_recover_s))
     rng = random.Random(seed)
     events: list[ChaosEvent] = []
     counts = [0] * num_nodes
