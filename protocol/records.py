@@ -10,6 +10,12 @@ Kinds:
 - ``NodeStatus`` (``node.json`` in the work dir): where the node is and how it is doing,
   read by the launcher, the health check and peers files (a shared volume: also hostile).
 
+Every DHT record is a signed dictionary entry (SPEC.md §15): its subkey is its signer's peer
+id, and the signed envelope names the key it belongs to, so a validator that only sees the
+hashed key still knows the record's kind (``parse_key``), its longest lifetime and size
+(``KIND_RULES``) and its schema (``check_entry``). The swarm's run manifest is what its live
+members' signed presence records agree on (``agreed_manifest``).
+
 Each kind is a frozen dataclass with ``KIND``, ``to_wire()`` (exactly what is stored) and
 ``from_wire(body, strict=False)``. Parsing treats every field as hostile: a record that is
 not a map, is too large, or whose deciding fields are malformed raises ``InvalidRecord``
@@ -23,12 +29,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import msgpack
+
 from protocol.errors import InvalidField
 from protocol.fields import MAX_STR_CHARS, MAX_U63
+from protocol.verification import MAX_RECORD_BYTES, Commitment, Receipt, Vote, open_envelope
 
 __all__ = [
     "InvalidRecord",
@@ -48,6 +59,27 @@ __all__ = [
     "NodeStatus",
     "RECORD_KINDS",
     "validate",
+    "MAX_ROUND",
+    "ENTRY_DOMAIN",
+    "EXPIRATION_SLACK",
+    "MAX_KEY_CHARS",
+    "MAX_ENTRY_BYTES",
+    "MAX_RECEIPTS",
+    "KindRules",
+    "KIND_RULES",
+    "RecordKey",
+    "presence_key",
+    "ready_key",
+    "commit_key",
+    "receipts_key",
+    "votes_key",
+    "parse_key",
+    "decode_value",
+    "check_entry",
+    "entry_signing_bytes",
+    "pack_entry",
+    "unpack_entry",
+    "agreed_manifest",
 ]
 
 MAX_RECORD_FIELDS = 64  # top-level keys of one record (ours have at most 16; unknown keys are ignored)
@@ -385,3 +417,192 @@ RECORD_KINDS: dict[str, type] = {cls.KIND: cls for cls in (Presence, Ready, Node
 def validate(kind: str, body: Any) -> None:
     """Strict check of one record of `kind` (what a DHT-level validator accepts); InvalidRecord if malformed."""
     RECORD_KINDS[kind].from_wire(body, strict=True)
+
+
+# ----------------------------------------------------------------------------- signed DHT entries (SPEC.md §15)
+MAX_ROUND = MAX_U63  # rounds are u63 everywhere: on the wire, in records, in checkpoints
+ENTRY_DOMAIN = b"gossiptrain/dht/1\n"  # prefix of the bytes an entry's signer signs
+EXPIRATION_SLACK = 30.0  # seconds an expiration may exceed now + its kind's TTL (clock skew between peers)
+MAX_KEY_CHARS = 512
+MAX_ENTRY_BYTES = 32 * 1024  # a whole signed entry as stored (envelope: key, value, signature)
+MAX_SIGNATURE_BYTES = 64  # Ed25519
+MAX_RECEIPTS = 16  # receipts one receiver keeps published (its most recent ones)
+MAX_VALUE_ITEMS = 1024  # entries of any list or map inside a value (a sketch has 128 numbers)
+
+
+@dataclass(frozen=True)
+class KindRules:
+    """What a validator allows for one kind of DHT record."""
+
+    kind: str
+    ttl: float  # the longest lifetime (expiration - now, by the validator's clock), before EXPIRATION_SLACK
+    max_value_bytes: int  # the msgpack value (before the signature envelope)
+
+
+# The TTLs bound what a node may configure (presence_ttl, sync_timeout, verify_record_ttl): a record is never
+# locked in place for longer than this, and a node clamps its own expirations to it.
+KIND_RULES: dict[str, KindRules] = {rules.kind: rules for rules in (
+    KindRules("presence", 300.0, 24 * 1024),
+    KindRules("ready", 300.0, 2 * 1024),
+    KindRules("commitment", 7200.0, MAX_RECORD_BYTES + 16),
+    KindRules("receipts", 7200.0, 24 * 1024),
+    KindRules("vote", 7200.0, 4 * 1024),
+)}
+
+
+@dataclass(frozen=True)
+class RecordKey:
+    """A DHT key parsed: which run, which kind of record, and the round / audited peer it names."""
+
+    text: str
+    run_id: str
+    kind: str  # a key of KIND_RULES
+    round: int | None = None  # commitment, vote
+    peer: str | None = None  # vote: the audited peer
+
+
+def presence_key(run_id: str) -> str:
+    return f"{run_id}.peers"
+
+
+def ready_key(run_id: str) -> str:
+    return f"{run_id}.ready"
+
+
+def commit_key(run_id: str, round_: int) -> str:
+    return f"{run_id}.commit.{round_}"
+
+
+def receipts_key(run_id: str) -> str:
+    return f"{run_id}.audits"
+
+
+def votes_key(run_id: str, peer: str, round_: int) -> str:
+    return f"{run_id}.votes.{peer}.{round_}"
+
+
+_ROUND_RE = r"(?P<round>0|[1-9][0-9]{0,18})"
+# Most specific suffix first: a key is the first pattern it matches (a run id containing ".votes." or
+# ".commit." could make a key ambiguous; such run ids are not supported).
+_KEY_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("vote", re.compile(r"(?P<run>.+)\.votes\.(?P<peer>[1-9A-HJ-NP-Za-km-z]{1,128})\." + _ROUND_RE, re.DOTALL)),
+    ("commitment", re.compile(r"(?P<run>.+)\.commit\." + _ROUND_RE, re.DOTALL)),
+    ("presence", re.compile(r"(?P<run>.+)\.peers", re.DOTALL)),
+    ("ready", re.compile(r"(?P<run>.+)\.ready", re.DOTALL)),
+    ("receipts", re.compile(r"(?P<run>.+)\.audits", re.DOTALL)),
+)
+
+
+def parse_key(text: Any) -> RecordKey:
+    """The kind (and round, audited peer) of a DHT key; InvalidRecord for a key no record kind lives under."""
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_KEY_CHARS:
+        raise InvalidRecord(f"a DHT key must be a string of 1..{MAX_KEY_CHARS} characters")
+    for kind, pattern in _KEY_PATTERNS:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        run_id = _text("run_id", match["run"])
+        groups = match.groupdict()
+        round_ = int(groups["round"]) if groups.get("round") is not None else None
+        if round_ is not None and round_ > MAX_ROUND:
+            raise InvalidRecord(f"round {round_} in key is not below 2**63")
+        return RecordKey(text, run_id, kind, round_, groups.get("peer"))
+    raise InvalidRecord(f"no record kind lives under key {text[:80]!r}")
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise InvalidRecord(f"msgpack extension type {code} in a record")
+
+
+def decode_value(raw: Any, limit: int) -> Any:
+    """A record value's msgpack bytes, decoded as hostile input: size, container sizes, no extension types."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) > limit:
+        raise InvalidRecord(f"a record value must be at most {limit} bytes")
+    try:
+        return msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, ext_hook=_no_ext, max_str_len=limit,
+                               max_bin_len=limit, max_array_len=MAX_VALUE_ITEMS, max_map_len=MAX_VALUE_ITEMS)
+    except InvalidRecord:
+        raise
+    except Exception as error:  # noqa: BLE001 - msgpack raises assorted errors on garbage
+        raise InvalidRecord(f"undecodable record value: {type(error).__name__}") from None
+
+
+def _verification(value: Any, kind: type) -> Any:
+    try:
+        record, _signature = open_envelope(value, kind)  # the inner signature is the node's to check
+    except InvalidField as error:
+        raise InvalidRecord(str(error)) from None
+    return record
+
+
+def check_entry(key: RecordKey, signer: str, value: Any) -> None:
+    """Strict check of a decoded value stored under `key` by `signer` (the subkey); InvalidRecord if it may not be.
+
+    Beyond each kind's schema, a verification record must be the signer's own and name the run (and round,
+    audited peer) of its key."""
+    if key.kind == "presence":
+        Presence.from_wire(value, strict=True)
+    elif key.kind == "ready":
+        Ready.from_wire(value, strict=True)
+    elif key.kind == "commitment":
+        commitment = _verification(value, Commitment)
+        if (commitment.peer, commitment.round, commitment.run_id) != (signer, key.round, key.run_id):
+            raise InvalidRecord("a commitment must be its signer's, for the run and round of its key")
+    elif key.kind == "vote":
+        vote = _verification(value, Vote)
+        if (vote.verifier, vote.peer, vote.round, vote.run_id) != (signer, key.peer, key.round, key.run_id):
+            raise InvalidRecord("a vote must be its signer's, on the peer and round of its key")
+    elif key.kind == "receipts":
+        if not isinstance(value, list) or len(value) > MAX_RECEIPTS:
+            raise InvalidRecord(f"receipts must be a list of at most {MAX_RECEIPTS} signed receipts")
+        for blob in value:
+            receipt = _verification(blob, Receipt)
+            if receipt.receiver != signer or receipt.run_id != key.run_id:
+                raise InvalidRecord("a receipt must be its signer's, for the run of its key")
+    else:  # pragma: no cover - parse_key yields only the kinds above
+        raise InvalidRecord(f"unknown record kind {key.kind!r}")
+
+
+def entry_signing_bytes(key: str, subkey: str, expiration: float, value: bytes) -> bytes:
+    """What an entry's signer signs: the key (as text), the subkey (its peer id), the expiration, the value bytes."""
+    return ENTRY_DOMAIN + msgpack.packb([key, subkey, float(expiration), bytes(value)], use_bin_type=True)
+
+
+def pack_entry(key: str, value: bytes, signature: bytes) -> bytes:
+    """The signed entry as stored in the DHT: {"k": key, "v": value bytes, "s": signature}."""
+    return msgpack.packb({"k": key, "v": bytes(value), "s": bytes(signature)}, use_bin_type=True)
+
+
+def unpack_entry(blob: Any) -> tuple[str, bytes, bytes]:
+    """(key, value bytes, signature) of a stored entry; InvalidRecord if it is not one. Nothing is verified here."""
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) > MAX_ENTRY_BYTES:
+        raise InvalidRecord(f"a signed entry must be at most {MAX_ENTRY_BYTES} bytes")
+    try:
+        body = msgpack.unpackb(bytes(blob), raw=False, strict_map_key=True, ext_hook=_no_ext, max_array_len=0,
+                               max_map_len=3, max_str_len=MAX_ENTRY_BYTES, max_bin_len=MAX_ENTRY_BYTES)
+    except InvalidRecord:
+        raise
+    except Exception as error:  # noqa: BLE001 - msgpack raises assorted errors on garbage
+        raise InvalidRecord(f"undecodable signed entry: {type(error).__name__}") from None
+    if not isinstance(body, dict) or set(body) != {"k", "v", "s"}:
+        raise InvalidRecord("a signed entry is a map of exactly k, v, s")
+    key, value, signature = body["k"], body["v"], body["s"]
+    if not isinstance(key, str) or not isinstance(value, bytes) or not isinstance(signature, bytes):
+        raise InvalidRecord("a signed entry's key must be a string, its value and signature binary")
+    if len(signature) > MAX_SIGNATURE_BYTES:
+        raise InvalidRecord("oversized signature")
+    return key, value, signature
+
+
+def agreed_manifest(manifests: Iterable[Any], ours: str | None = None) -> str | None:
+    """The run manifest the most live members' presences carry (None: no live member says).
+
+    A tie that includes `ours` is ours (a joiner is not refused by a split it cannot judge); any
+    other tie goes to the smallest hash, so every reader names the same one."""
+    counts = Counter(m for m in manifests if isinstance(m, str))
+    if not counts:
+        return None
+    top = max(counts.values())
+    if ours is not None and counts.get(ours) == top:
+        return ours
+    return min(m for m, count in counts.items() if count == top)

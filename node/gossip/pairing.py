@@ -11,6 +11,8 @@ import random
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from protocol.records import MAX_ROUND
+
 
 def choose_partner(
     ready: Mapping[str, int], my_round: int, exclude: Collection[str], max_staleness: int, rng: random.Random
@@ -29,19 +31,40 @@ def could_pair(live_rounds: Iterable[int], my_round: int, max_staleness: int) ->
     return any(abs(their_round - my_round) <= max_staleness for their_round in live_rounds)
 
 
-def clock_catch_up(live_rounds: Iterable[int], my_round: int, max_staleness: int) -> int | None:
+def catch_up_step(max_staleness: int) -> int:
+    """The most rounds a node's clock may jump at one round boundary."""
+    return max(64, 16 * max_staleness)
+
+
+def supported_round(live_rounds: Iterable[int]) -> int | None:
+    """The (lower) median of the live peers' known rounds: at least half of them are at or past it, so peers
+    that lie about their round (each signs only its own presence) cannot move it unless they are half the view."""
+    rounds = sorted(r for r in live_rounds if 0 <= r <= MAX_ROUND)
+    return rounds[(len(rounds) - 1) // 2] if rounds else None
+
+
+def clock_catch_up(live_rounds: Iterable[int], my_round: int, max_staleness: int,
+                   max_step: int | None = None) -> int | None:
     """The round to jump to when no live peer is within the staleness window, else None.
 
     Rounds only advance by this node's own work and by pairing, so a node that was frozen,
     slow or offline for a while would never be within anyone's window again. It jumps its
-    clock (not its weights) to the nearest peer ahead; its next exchanges then pull its
+    clock (not its weights) towards the nearest peer ahead; its next exchanges then pull its
     weights to the swarm's. Peers that are only behind will catch up with us instead.
+
+    Only as far as the live view supports: not at all unless the median live round is ahead of
+    ours (one peer claiming round 2**63 - 1 moves nobody), and by at most `max_step` rounds
+    (default `catch_up_step`) per round boundary, so even a lying majority moves the clock slowly.
     """
-    rounds = list(live_rounds)
+    rounds = [r for r in live_rounds if 0 <= r <= MAX_ROUND]
     if any(abs(r - my_round) <= max_staleness for r in rounds):
         return None
-    ahead = [r for r in rounds if r > my_round]
-    return min(ahead) if ahead else None
+    median = supported_round(rounds)
+    if median is None or median <= my_round:
+        return None
+    step = catch_up_step(max_staleness) if max_step is None else max_step
+    target = min(min(r for r in rounds if r > my_round), my_round + step, MAX_ROUND - 1)
+    return target if target > my_round else None
 
 
 def crossing_request_wins(requester: str, me: str) -> bool:

@@ -17,7 +17,10 @@ from typing import Any
 
 from hivemind.p2p import P2P
 
+from protocol.records import MAX_ROUND
+
 from node.config import NodeConfig
+from node.gossip.pairing import catch_up_step, supported_round
 from node.join.plan import StartMode, donor_order, plan_start
 from node.join.statesync import StateSyncError, StateSyncSettings, download_state
 from node.metrics import NodeMetrics
@@ -28,6 +31,20 @@ from node.train.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 Compute = Callable[..., Awaitable[Any]]  # runs a blocking call on the trainer thread
+
+
+def checkpoint_round_problem(meta: dict, live_rounds: list[int], margin: int) -> str | None:
+    """Why a checkpoint's round must not be resumed (None: it may be): not a round below 2**63, or more than
+    `margin` rounds beyond what the live swarm supports (its median round). Resuming such a round would
+    publish it, overflow the next one, and crash again on every restart."""
+    for name in ("round", "rounds_done"):
+        value = meta.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_ROUND:
+            return f"its {name} {str(value)[:40]} is not a count below 2**63 - 1"
+    supported = supported_round(live_rounds)
+    if supported is not None and meta["round"] > supported + margin:
+        return f"its round {meta['round']} is far beyond the swarm's (median live round {supported})"
+    return None
 
 
 class JoinError(RuntimeError):
@@ -55,6 +72,13 @@ class Joiner:
         checkpoint = await self._load_own_checkpoint()
         await self._read_view()
         live_rounds = [peer.round for peer in self.membership.live.values()]
+        if checkpoint is not None:
+            margin = self.cfg.resume_max_lag + catch_up_step(self.cfg.max_staleness)
+            problem = checkpoint_round_problem(checkpoint.meta, live_rounds, margin)
+            if problem is not None:
+                self.metrics.checkpoints_damaged.inc()
+                logger.warning("checkpoint %s refused: %s; not resuming from it", checkpoint.path.name, problem)
+                checkpoint = None
         plan = plan_start(checkpoint.meta["round"] if checkpoint else None, live_rounds, self.cfg.resume_max_lag)
         round_, rounds_done, detail = 0, 0, ""
         if checkpoint is not None:

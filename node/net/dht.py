@@ -4,6 +4,10 @@ Every get and store is bounded by a timeout: a frozen neighbour must not hold a 
 a round or a status query. A read that did not complete is `DHTUnavailable` (the answer is
 unknown, which is not the same as empty); a store that did not complete is False (logged),
 to be retried by the caller's next heartbeat or round.
+
+Every record is a signed dictionary entry under this node's own subkey (node/net/signed_records.py):
+`store` names the key to the node's record validator, so it can sign the entry, and keeps the
+expiration within the record kind's longest lifetime, which every validator enforces.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from protocol.records import KIND_RULES, InvalidRecord, parse_key
+
+from node.net.signed_records import signing_validator
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +80,31 @@ class DHTClient:
         return entries(await self.fetch(key))
 
     async def store(self, key: str, value: Any, expiration: float, subkey: Any = None) -> bool:
-        """Store under `key` (a subkey of it if given); False (logged) if it failed or timed out."""
+        """Store under `key` (a subkey of it if given); False (logged) if it failed or timed out.
+
+        Only an entry under this node's own peer id as subkey can be signed, hence stored."""
+        validator = signing_validator(self.dht)
+        if validator is not None:
+            validator.note_key(key)
+            try:
+                expiration = min(expiration, get_dht_time() + KIND_RULES[parse_key(key).kind].ttl)
+            except InvalidRecord:
+                pass  # no record kind lives there: every validator refuses it
         try:
-            return bool(await asyncio.wait_for(self.dht.store(key, value, expiration, subkey=subkey), self.timeout))
+            stored = bool(await asyncio.wait_for(self.dht.store(key, value, expiration, subkey=subkey), self.timeout))
         except Exception as error:  # noqa: BLE001 - a failed store is retried on the next heartbeat/round
-            logger.warning("DHT store %s failed: %s", key, error or type(error).__name__)
+            logger.warning("DHT store %s failed: %s", key, str(error) or type(error).__name__)
             return False
+        if not stored and subkey is not None:
+            # hivemind reports the answer of whichever replica replied last: one hostile (or stale) DHT node
+            # refusing is enough for False although the honest replicas hold the record. Read it back.
+            stored = await self._readable(key, subkey, value, expiration)
+        return stored
+
+    async def _readable(self, key: str, subkey: Any, value: Any, expiration: float) -> bool:
+        """Does a (validated) read of `key` return exactly this entry?"""
+        try:
+            found = await self.fetch_entries(key)
+        except DHTUnavailable:
+            return False
+        return any(e.subkey == subkey and e.expiration == expiration and e.value == value for e in found)

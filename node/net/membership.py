@@ -1,11 +1,15 @@
 """Swarm membership over hivemind's Kademlia DHT: presence, the live-peer view, the run manifest, readiness.
 
 Keys live under the run id:
-  {run}.manifest           the manifest hash every member must share (refreshed by every member)
   {run}.peers  [peer id]   presence: round, manifest hash, addresses, held-out loss, and what `gossiptrain
                            status` shows (wall-clock time, train loss, tokens/s, last exchange, exchange
                            counts, flagged peers); expires after presence_ttl
   {run}.ready  [peer id]   "my round r is done, pair with me"; expires after the sync deadline
+
+Every entry is signed by the peer its subkey names and checked by every DHT node's record
+validator (node/net/signed_records.py): nobody can write, replace or withdraw another peer's
+records. There is no swarm-wide manifest key: the swarm's manifest is what its live members'
+signed presence records agree on (protocol/records.py `agreed_manifest`).
 
 The presence and ready records are built and parsed by their schemas (protocol/records.py): a
 malformed record is skipped and counted, never used. DHT calls go through node/net/dht.py (bounded).
@@ -22,7 +26,17 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from protocol.records import WITHDRAWN_ROUND, InvalidRecord, Presence, Ready, Report, check_peer_id
+from protocol.records import (
+    WITHDRAWN_ROUND,
+    InvalidRecord,
+    Presence,
+    Ready,
+    Report,
+    agreed_manifest,
+    check_peer_id,
+    presence_key,
+    ready_key,
+)
 
 from node.net.dht import DHTClient, DHTUnavailable, Entry
 
@@ -50,17 +64,13 @@ class Membership:
         self.peer_id = peer_id
         self.manifest_hash = manifest_hash
         self.presence_ttl = presence_ttl
-        self.keys = {name: f"{run_id}.{name}" for name in ("manifest", "peers", "ready")}
+        self.keys = {"peers": presence_key(run_id), "ready": ready_key(run_id)}
         self.live: dict[str, PeerRecord] = {}
         self.malformed_records = 0  # presence/ready records skipped as malformed (counted, debug-logged)
         self._ready_expiration = 0.0
         self._presence_expiration = 0.0
         self.on_view_change: Callable[[set[str], set[str]], None] = lambda joined, left: None
         self.presence_extra: Callable[[], Report] = Report  # what `gossiptrain status` shows, besides round and loss
-
-    async def _get(self, key: str) -> Any:
-        """The value under one of our keys (None: nothing stored); DHTUnavailable when the DHT did not answer."""
-        return await self.client.fetch(self.keys[key])
 
     async def _store(self, key: str, value: Any, expiration: float, subkey: str | None = None) -> bool:
         return await self.client.store(self.keys[key], value, expiration, subkey)
@@ -78,22 +88,29 @@ class Membership:
             return None
 
     async def check_manifest(self) -> bool:
-        """Raise ManifestMismatch if the swarm runs something else; True if a swarm manifest was found.
+        """Raise ManifestMismatch if the swarm runs something else; True if live members were found.
 
-        DHTUnavailable propagates: joining blind could let a mismatched node rewrite the manifest.
+        The swarm's manifest is the one most live members' signed presences carry (a lone first
+        node starts its own swarm). DHTUnavailable propagates: joining blind could let a
+        mismatched node into the swarm.
         """
-        swarm_manifest = await self._get("manifest")
+        now = get_dht_time()
+        manifests = []
+        for entry in await self.client.fetch_entries(self.keys["peers"]):
+            presence: Presence | None = self._parse(entry, Presence, now)
+            if presence is not None and not presence.left:
+                manifests.append(presence.manifest)
+        swarm_manifest = agreed_manifest(manifests, self.manifest_hash)
         if swarm_manifest is not None and swarm_manifest != self.manifest_hash:
             raise ManifestMismatch(
-                f"run manifest mismatch: swarm has {str(swarm_manifest)[:12]}, this node has "
+                f"run manifest mismatch: swarm has {swarm_manifest[:12]}, this node has "
                 f"{self.manifest_hash[:12]} (model, data, hyper-parameters and protocol version must all match)"
             )
         return swarm_manifest is not None
 
     async def heartbeat(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
-        """Refresh presence and the manifest, then reload the live view."""
+        """Refresh presence (it carries our manifest), then reload the live view."""
         await self.publish_presence(round_, eval_loss, addresses)
-        await self._store("manifest", self.manifest_hash, get_dht_time() + 10 * self.presence_ttl)
         await self.refresh_view()
 
     async def publish_presence(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:

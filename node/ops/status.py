@@ -2,7 +2,8 @@
 
 A client runs its own p2pd and joins the DHT in client mode: it reads the presence
 records every member refreshes (round, losses, last exchange, flagged peers, wall
-clock) and the swarm's manifest, then leaves. Nothing is stored on its behalf.
+clock), each checked by the signed-record validator, and takes the swarm's manifest
+to be the one most of them carry, then leaves. Nothing is stored on its behalf.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from protocol.records import InvalidRecord, Presence, check_peer_id
+from protocol.records import InvalidRecord, Presence, agreed_manifest, check_peer_id, presence_key
 
 from node.net.dht import DHTClient, DHTUnavailable, entries
 from node.net.p2pd import start_p2p
+from node.net.signed_records import SignedRecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +102,10 @@ async def dht_client(initial_peers: list[str], timeout: float = CLIENT_START_TIM
     try:
         p2p = await start_p2p(timeout, initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         # strict=False: a skewed local clock is reported (by doctor), not a reason to refuse to look
+        # a validator without an identity: it checks every record it reads and signs nothing
         dht = await asyncio.wait_for(DHTNode.create(
-            p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False, strict=False), timeout)
+            p2p=p2p, initial_peers=initial_peers, client_mode=True, cache_locally=False, strict=False,
+            record_validator=SignedRecordValidator()), timeout)
     except TimeoutError:
         await _shutdown(p2p, dht)
         raise SwarmUnreachable(f"no initial peer answered within {timeout:.0f}s: {' '.join(initial_peers)}") from None
@@ -164,11 +168,11 @@ def _peer_status(peer_id: str, presence: Presence, now: float) -> PeerStatus:
 
 
 async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
-    """The swarm's manifest and every live presence record, split by whether it runs the swarm's manifest."""
-    manifest = await _get(dht, f"{run_id}.manifest")
-    found = await _get(dht, f"{run_id}.peers")
+    """The swarm's manifest (the one most live presences carry) and every live presence record, split by
+    whether it runs the swarm's manifest."""
+    found = await _get(dht, presence_key(run_id))
     now = time.time()
-    peers, other, left, malformed = [], [], [], 0
+    live, left, malformed = [], [], 0
     for entry in entries(found):
         if entry.expiration < now - CLOCK_SLACK:
             continue
@@ -182,11 +186,11 @@ async def read_swarm(dht: DHTNode, run_id: str) -> SwarmStatus:
         if presence.left:
             left.append(peer_id)
             continue
-        status = _peer_status(peer_id, presence, now)
-        (peers if manifest is None or status.manifest == manifest else other).append(status)
-    peers.sort(key=lambda p: p.peer_id)
-    swarm = SwarmStatus(run_id, manifest if isinstance(manifest, str) else None, peers, other, sorted(left), now,
-                        malformed)
+        live.append(_peer_status(peer_id, presence, now))
+    manifest = agreed_manifest(status.manifest for status in live)
+    peers = sorted((p for p in live if manifest is None or p.manifest == manifest), key=lambda p: p.peer_id)
+    other = [p for p in live if manifest is not None and p.manifest != manifest]
+    swarm = SwarmStatus(run_id, manifest, peers, other, sorted(left), now, malformed)
     flagged = swarm.flagged
     for peer in peers:
         peer.flagged_by = flagged.get(peer.peer_id, [])

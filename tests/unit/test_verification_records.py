@@ -68,11 +68,16 @@ def receipt_from(receiver: Identity, audited: Identity, nonce: str = "00" * 16) 
     return Receipt(RUN, audited.peer_id, receiver.peer_id, 5, "cd" * 32, nonce)
 
 
+def receipts(*blobs: bytes) -> types.SimpleNamespace:
+    """A receiver's entry under {run}.audits (subkey: the receiver): the list of its signed receipts."""
+    return types.SimpleNamespace(value=list(blobs))
+
+
 def test_two_committee_rejects_flag_and_forged_votes_do_not_count():
     peers, membership, verification, commitment = setup()
     audited = peers["A"]
     receipt = receipt_from(peers["B"], audited)
-    membership.store[f"{RUN}.audits"] = {f"{audited.peer_id}:5": types.SimpleNamespace(value=signed(peers["B"], receipt))}
+    membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt))}
     asyncio.run(verification._discover())
     audit = verification.audits[(audited.peer_id, 5)]
     assert audit.seed == audit_seed(RUN, audited.peer_id, 5, commitment.digest(), receipt.nonce)
@@ -99,8 +104,7 @@ def test_two_committee_rejects_flag_and_forged_votes_do_not_count():
 def test_two_accepts_clear_and_nobody_is_flagged():
     peers, membership, verification, _ = setup()
     audited = peers["A"]
-    membership.store[f"{RUN}.audits"] = {
-        f"{audited.peer_id}:5": types.SimpleNamespace(value=signed(peers["C"], receipt_from(peers["C"], audited)))}
+    membership.store[f"{RUN}.audits"] = {peers["C"].peer_id: receipts(signed(peers["C"], receipt_from(peers["C"], audited)))}
     asyncio.run(verification._discover())
     audit = verification.audits[(audited.peer_id, 5)]
     audit.voted = True
@@ -120,21 +124,21 @@ def test_receipts_that_do_not_check_out_are_ignored_once():
     bad_signature = signed(peers["D"], receipt_from(peers["B"], audited))  # B's receipt signed by D
     self_receipt = signed(audited, receipt_from(audited, audited))  # a peer cannot draw its own audit
     membership.store[f"{RUN}.audits"] = {
-        f"{audited.peer_id}:5": types.SimpleNamespace(value=bad_signature),
-        f"{peers['B'].peer_id}:5": types.SimpleNamespace(value=self_receipt),
-        "no-colon": types.SimpleNamespace(value=b""),
+        peers["B"].peer_id: receipts(bad_signature, b"garbage"),
+        audited.peer_id: receipts(self_receipt),
+        "not-a-list": types.SimpleNamespace(value=b""),
     }
     for _ in range(3):
         asyncio.run(verification._discover())
     assert not verification.audits
     errors = verification.metrics.registry.get_sample_value("gossiptrain_protocol_errors_total", {"kind": "record"})
-    assert errors == 2  # counted once each, not once per pass
+    assert errors == 3  # counted once each, not once per pass
 
 
 def test_our_own_drawn_rounds_are_kept_for_the_audit():
     peers, membership, verification, _ = setup()
     me = peers["E"]
     receipt = Receipt(RUN, me.peer_id, peers["B"].peer_id, 9, "cd" * 32, "00" * 16)
-    membership.store[f"{RUN}.audits"] = {f"{me.peer_id}:9": types.SimpleNamespace(value=signed(peers["B"], receipt))}
+    membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt))}
     asyncio.run(verification._discover())
     assert 9 in verification._own_audits and not verification.audits

@@ -1,0 +1,143 @@
+"""A hostile DHT peer for tests: a bare hivemind P2P + DHTNode with throw-away keys, writing raw records.
+
+It runs no gossiptrain record validator, so its own DHT node stores whatever it is told and serves it
+to every get that reaches it; what it sends honest nodes to store is exactly what a hand-written
+attacker could send. Its writes come in three flavours:
+
+- ``raw``: hivemind's plain encoding, unsigned (plain values, or dictionary entries under any subkey);
+- ``forged``: the signed-entry format of SPEC.md §15 under someone else's subkey, signed with its own key;
+- ``own``: correctly signed under its own peer id (a Sybil member), with whatever content it likes.
+
+These are the attacks measured on a validator-less swarm (issue 13): forged departures of every peer,
+a forged run manifest, a plain value over the ready key, plain values with 10-year expirations over
+the next commitment keys, and presences with rounds of 2**64 - 1 and 2**63.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from protocol.records import Presence, entry_signing_bytes, pack_entry
+
+from node.net.identity import Identity
+from node.net.signed_records import dht_key_id
+
+TEN_YEARS = 10 * 365 * 86400.0
+
+
+class ForgingSigner(RecordValidatorBase):
+    """Signs every entry it is handed (any subkey) with the adversary's own key; accepts everything."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.names: dict[bytes, str] = {}
+
+    def validate(self, record: DHTRecord) -> bool:
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        key = self.names.get(record.key)
+        subkey = msgpack.unpackb(record.subkey, raw=False) if record.subkey not in (b"", b"\xc0") else None
+        if key is None or not isinstance(subkey, str):
+            return record.value
+        signature = self.identity.sign(entry_signing_bytes(key, subkey, record.expiration_time, record.value))
+        return pack_entry(key, record.value, signature)
+
+
+class Adversary:
+    def __init__(self, p2p: P2P, dht: DHTNode, identity: Identity) -> None:
+        self.p2p, self.dht, self.identity = p2p, dht, identity
+        self.peer_id = identity.peer_id
+        self.signer = ForgingSigner(identity)
+        self.stores = 0  # store calls made
+        self.accepted = 0  # (key, subkey) stores some DHT node (possibly only its own) reported as done
+
+    async def store(self, key: str, value: Any, expiration: float, subkey: str | None = None,
+                    mode: str = "raw") -> bool:
+        """One write: `raw` (unsigned), `forged` (under any subkey, signed with its own key) or `own` (its subkey)."""
+        if mode == "own":
+            subkey = self.peer_id
+        self.signer.names[dht_key_id(key)] = key
+        self.dht.protocol.record_validator = None if mode == "raw" else self.signer
+        try:
+            ok = bool(await asyncio.wait_for(self.dht.store(key, value, expiration, subkey=subkey), 10))
+        except Exception:  # noqa: BLE001 - honest nodes may refuse or drop it: that is the point
+            ok = False
+        finally:
+            self.dht.protocol.record_validator = None
+        self.stores += 1
+        self.accepted += ok
+        return ok
+
+    async def store_many(self, keys: list[str], value: Any, expiration: float) -> None:
+        """Plain (unsigned, no subkey) values under many keys at once."""
+        self.dht.protocol.record_validator = None
+        try:
+            await asyncio.wait_for(self.dht.store_many(keys, [value] * len(keys), expiration), 30)
+        except Exception:  # noqa: BLE001 - see store
+            pass
+        self.stores += len(keys)
+
+    # ------------------------------------------------------------------ the measured attacks
+    async def forge_departures(self, run_id: str, victims: list[str], manifest: str) -> None:
+        """`{"left": true}` under every victim's presence subkey, with a later expiration than theirs."""
+        left = Presence.departure(manifest).to_wire()
+        expiration = get_dht_time() + 3600
+        for victim in victims:
+            for mode in ("raw", "forged"):
+                await self.store(f"{run_id}.peers", left, expiration, subkey=victim, mode=mode)
+
+    async def forge_manifest(self, run_id: str, victims: list[str], fake: str) -> None:
+        """A plain `{run}.manifest` value (10 years) and presences with a fake manifest under the victims' subkeys."""
+        await self.store(f"{run_id}.manifest", fake, get_dht_time() + TEN_YEARS)
+        body = Presence(fake, 1, None, ("/ip4/127.0.0.1/tcp/9",)).to_wire()
+        for victim in victims:
+            for mode in ("raw", "forged"):
+                await self.store(f"{run_id}.peers", body, get_dht_time() + 3600, subkey=victim, mode=mode)
+
+    async def plain_ready(self, run_id: str) -> None:
+        await self.store(f"{run_id}.ready", "not a dictionary", get_dht_time() + TEN_YEARS)
+
+    async def block_commitments(self, run_id: str, first_round: int, count: int = 300) -> None:
+        """Plain values with 10-year expirations over the next `count` commitment keys."""
+        keys = [f"{run_id}.commit.{r}" for r in range(first_round, first_round + count)]
+        await self.store_many(keys, "blocked", get_dht_time() + TEN_YEARS)
+
+    async def absurd_rounds(self, run_id: str, manifest: str, victims: list[str]) -> None:
+        """Presences with rounds 2**64 - 1 and 2**63 (its own, signed; and forged under the victims' subkeys),
+        then its own with 2**63 - 1 (schema-valid: a live Sybil far ahead of everyone)."""
+        for round_ in (2**64 - 1, 2**63):
+            body = {**Presence(manifest, 0, None, ("/ip4/127.0.0.1/tcp/9",)).to_wire(), "round": round_}
+            await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
+            for victim in victims:
+                await self.store(f"{run_id}.peers", body, get_dht_time() + 60, subkey=victim, mode="forged")
+        body = Presence(manifest, 2**63 - 1, None, ("/ip4/127.0.0.1/tcp/9",)).to_wire()
+        await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
+
+
+@contextlib.asynccontextmanager
+async def adversary(initial_peers: list[str], key_dir: Path) -> AsyncIterator[Adversary]:
+    """An Adversary joined to the swarm through `initial_peers`, shut down on exit."""
+    identity = Identity.generate()
+    key_path = key_dir / f"adversary-{identity.peer_id[-8:]}.key"
+    identity.save(key_path)
+    p2p = await P2P.create(initial_peers=initial_peers, identity_path=str(key_path),
+                           host_maddrs=["/ip4/127.0.0.1/tcp/0"], check_if_identity_free=False)
+    dht = None
+    try:
+        dht = await DHTNode.create(p2p=p2p, initial_peers=initial_peers, cache_locally=False)
+        yield Adversary(p2p, dht, identity)
+    finally:
+        if dht is not None:
+            await dht.shutdown()
+        await p2p.shutdown()
