@@ -14,6 +14,7 @@ from protocol.errors import FrameTooLarge, MalformedMessage
 __all__ = [
     "HEADER_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
+    "MAX_CONTROL_FRAME_BYTES",
     "encode_frame",
     "parse_frame_header",
     "FrameDecoder",
@@ -21,6 +22,10 @@ __all__ = [
 
 HEADER_BYTES = 4
 DEFAULT_MAX_FRAME_BYTES = 8 * 2**20
+# Every frame but a tensor transfer's (requests, offers, replies, acks, errors) is a control frame: at most
+# this long, whatever max_frame_bytes is, so a stream's first frame is refused from its header before the
+# request has been read and checked (SPEC §9).
+MAX_CONTROL_FRAME_BYTES = 64 * 2**10
 
 _HEADER = struct.Struct(">I")
 

@@ -165,9 +165,18 @@ class TensorAssembler:
         self,
         expected: TensorSpec,
         out: bytearray | memoryview | None = None,
+        *,
+        chunk_bytes: int | None = None,
     ) -> None:
-        """Prepare to receive ``expected``, writing into ``out`` (a writable buffer of ``expected.nbytes``) if given."""
+        """Prepare to receive ``expected``, writing into ``out`` (a writable buffer of ``expected.nbytes``) if given.
+
+        ``chunk_bytes``: the chunk size the sender must use (the run's, from its manifest); a header with
+        any other is refused. None accepts any size in range.
+        """
+        if chunk_bytes is not None and not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         self._expected = expected
+        self._required_chunk_bytes = chunk_bytes
         nbytes = expected.nbytes
         if out is None:
             out = bytearray(nbytes)
@@ -245,6 +254,11 @@ class TensorAssembler:
         if not 0 < msg.chunk_bytes <= MAX_CHUNK_BYTES:
             raise InvalidField(
                 f"field 'chunk_bytes' must be in 1..{MAX_CHUNK_BYTES}, got {msg.chunk_bytes}"
+            )
+        required = self._required_chunk_bytes
+        if required is not None and msg.chunk_bytes != required:
+            raise InvalidField(
+                f"tensor '{exp.name}' comes in chunks of {msg.chunk_bytes} bytes, this run's chunk size is {required}"
             )
         want = _num_chunks(self._nbytes, msg.chunk_bytes)
         if msg.num_chunks != want:

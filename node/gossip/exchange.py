@@ -7,7 +7,17 @@ asks uniformly random ready peers to pair. It is in at most one exchange at a ti
    busy, and a crossing request from X itself is accepted only if X's peer id is the
    lower one; X applies the same rule, so exactly one of the two requests wins.
 When the deadline passes without a completed exchange the round ends alone (local
-outer step). No step here waits without a timeout.
+outer step).
+
+The deadline (`sync_timeout`) bounds the partner SEARCH only: dialing, the request and its
+reply. Once a partner accepted, the exchange is not cut by it: it lives while its bytes flow
+(every wait on the partner bounded by the I/O timeout and the minimum transfer rate, its acks
+by `ack_timeout`), so a large model on a slow but working link completes, and a frozen or
+trickling partner costs about one I/O timeout. Both sides run the same bounds, and each applies
+the average only after both acks. A partner that broke an exchange by its own doing (too slow,
+stalled, invalid data) is not paired with for a while (node/gossip/health.py: Penalties), and a
+node whose exchanges keep failing says why in its log and its metrics. No step here waits
+without a timeout.
 """
 
 from __future__ import annotations
@@ -33,12 +43,13 @@ from protocol import (
     TruncatedFrame,
 )
 
+from node.gossip.health import ExchangeHealth, ExchangeRecord, Penalties
 from node.gossip.pairing import PairingState, choose_partner, could_pair, refusal_reason
 from node.metrics import NodeMetrics
 from node.net.membership import Membership
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
-from node.net.streams import FrameStream, PeerTimeout
-from node.net.tensor_stream import ExchangeAborted, confirm, flat_spec, transfer_tensors
+from node.net.streams import FrameStream, PeerTimeout, TransferTooSlow
+from node.net.tensor_stream import IN_FLIGHT_BYTES, ExchangeAborted, confirm, flat_spec, transfer_tensors
 from node.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
@@ -68,11 +79,18 @@ def classify_failure(error: BaseException) -> str:
         return "peer_gone"  # a crash mid-chunk looks exactly like this; still counted as a protocol error
     if isinstance(error, ProtocolError):
         return "protocol_error"
+    if isinstance(error, TransferTooSlow):
+        return "too_slow"
     if isinstance(error, (PeerTimeout, asyncio.TimeoutError, TimeoutError)):
         return "timeout"
     if isinstance(error, ExchangeAborted):
         return "aborted"
     return "peer_gone"
+
+
+def partner_at_fault(error: BaseException) -> bool:
+    """Did the partner break the exchange (too slow, stalled, invalid data), rather than vanish or hit our deadline?"""
+    return isinstance(error, (PeerTimeout, ProtocolError)) and not isinstance(error, TruncatedFrame)
 
 
 class Gossip:
@@ -102,7 +120,6 @@ class Gossip:
         self._requesting: str | None = None
         self._outgoing_exchange = False
         self._incoming_task: asyncio.Task | None = None
-        self._incoming_confirming = False
         self._wakeup = asyncio.Event()
         self.background = background
         # peers never paired with (flagged by verifiers): set by the daemon when verification is on
@@ -110,6 +127,9 @@ class Gossip:
         self.service = StreamService(p2p, EXCHANGE_PROTOCOL, ExchangeRequest, settings.stream, metrics, "exchange",
                                      serve=self._serve_request, failed=self._incoming_failed,
                                      closed=self._incoming_closed)
+        self.health = ExchangeHealth(window=10, min_rate=settings.stream.min_transfer_rate)
+        self.penalties = Penalties()
+        metrics.exchange_completion_ratio.set(self.health.completion_ratio)
 
     async def start(self) -> None:
         await self.service.start()
@@ -123,6 +143,17 @@ class Gossip:
         return [flat_spec(name, self.settings.stream.numel) for name in self.settings.tensor_names]
 
     @property
+    def exchange_bytes(self) -> int:
+        """Tensor bytes each way of one exchange."""
+        return 4 * self.settings.stream.numel * len(self.settings.tensor_names)
+
+    def exchange_limit(self) -> float:
+        """A bound no accepted exchange can outlive (each of its waits is bounded by progress): its bytes at
+        the minimum transfer rate, what may be in flight of them, and its I/O timeouts."""
+        wire = self.settings.stream
+        return wire.rate.seconds_for(int(self.exchange_bytes * 1.01) + IN_FLIGHT_BYTES) + 3 * wire.io_timeout
+
+    @property
     def _in_exchange(self) -> bool:
         return self._outgoing_exchange or (self._incoming_task is not None and not self._incoming_task.done())
 
@@ -132,10 +163,10 @@ class Gossip:
 
     # ------------------------------------------------------------------ round boundary
     async def sync_round(self, round_: int, outgoing: dict[str, np.ndarray], timeout: float) -> SyncOutcome:
-        """Find one partner and exchange with it, or give up at the deadline (partner None).
+        """Find one partner within `timeout` and exchange with it, or give up (partner None).
 
-        Takes at most `timeout` plus one I/O timeout (an exchange whose transfer finished
-        in time may still swap its acks, so both sides reach the same outcome).
+        `timeout` bounds the search; an exchange accepted before it runs to its end, bounded by its
+        progress (a stalled or too slow partner costs about one I/O timeout), not by `timeout`.
         """
         started = time.monotonic()
         if not self._could_pair(round_):
@@ -158,7 +189,7 @@ class Gossip:
                 if paired.done() or self._busy:
                     continue
                 exclude = {peer for peer, their_round in ready.items() if (peer, their_round) in tried}
-                exclude |= self.excluded()
+                exclude |= self.excluded() | self.penalties.active(time.monotonic())
                 partner = choose_partner(ready, round_, exclude, self.settings.max_staleness, self.rng)
                 if partner is None:
                     await self._wait_for_news(min(POLL_INTERVAL, remaining))
@@ -182,13 +213,12 @@ class Gossip:
         return SyncOutcome(None, None, elapsed)
 
     async def _settle_incoming(self) -> None:
-        """At the deadline: let an incoming exchange that is swapping acks finish, abandon any other."""
+        """At the deadline: an accepted incoming exchange runs to its end (bounded by its progress)."""
         incoming = self._incoming_task
         if incoming is None or incoming.done():
             return
-        if self._incoming_confirming:
-            await asyncio.wait({incoming}, timeout=self.settings.stream.io_timeout)
-        if not incoming.done():
+        await asyncio.wait({incoming}, timeout=self.exchange_limit())
+        if not incoming.done():  # cannot happen unless a bound above fails: never wait past the limit
             incoming.cancel()
             await asyncio.gather(incoming, return_exceptions=True)
 
@@ -211,10 +241,9 @@ class Gossip:
             return None
         self._requesting = partner
         stream: FrameStream | None = None
-        started = time.monotonic()
         wire = self.settings.stream
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(remaining):  # the search: dial, request, reply
                 stream = await open_stream(self.p2p, partner, EXCHANGE_PROTOCOL, wire, self.metrics, "exchange")
                 await stream.send(ExchangeRequest(
                     run_id=wire.run_id, manifest_hash=wire.manifest_hash, round=round_,
@@ -222,43 +251,61 @@ class Gossip:
                     dtype="float32",
                 ))
                 reply = await stream.recv((ExchangeAccept, ExchangeReject))
-                if isinstance(reply, ExchangeReject) or self._paired.done() or self._in_exchange:
-                    # (_in_exchange: a crossing request from this partner won, we serve that one instead)
-                    self.metrics.exchanges.labels(result="rejected").inc()
-                    logger.debug("%s refused pairing: %s", partner[-8:], getattr(reply, "reason", "paired meanwhile"))
-                    return None
-                if abs(reply.round - round_) > self.settings.max_staleness:
-                    raise InvalidField(f"partner accepted with round {reply.round}, ours is {round_}")
-                self._requesting, self._outgoing_exchange = None, True
-                received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
-            # not cut by the deadline (both sides must agree on the outcome), bounded by one I/O timeout
-            await asyncio.wait_for(confirm(stream), wire.io_timeout)
-            self._record_success(started)
+            if isinstance(reply, ExchangeReject) or self._paired.done() or self._in_exchange:
+                # (_in_exchange: a crossing request from this partner won, we serve that one instead)
+                self.metrics.exchanges.labels(result="rejected").inc()
+                logger.debug("%s refused pairing: %s", partner[-8:], getattr(reply, "reason", "paired meanwhile"))
+                return None
+            if abs(reply.round - round_) > self.settings.max_staleness:
+                raise InvalidField(f"partner accepted with round {reply.round}, ours is {round_}")
+            self._requesting, self._outgoing_exchange = None, True
+            # accepted: from here on the exchange lives while its bytes flow, the search deadline does not cut it
+            accepted = time.monotonic()
+            received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
+            await confirm(stream)
+            self._record_success(partner, stream, time.monotonic() - accepted)
             return received, reply.round
         except ProtocolError as error:
-            self._record_protocol_error(partner, error)
+            self.metrics.protocol_errors.labels(kind=error.kind).inc()
+            self._record_failure(partner, error, stream)
             if stream is not None and not isinstance(error, TruncatedFrame):
                 await stream.send_error(error)
         except Exception as error:  # noqa: BLE001 - timeout, peer gone, p2pd dial errors: the round goes on
-            self._record_failure(partner, error)
+            self._record_failure(partner, error, stream)
         finally:
             self._requesting, self._outgoing_exchange = None, False
             if stream is not None:
                 stream.close()
         return None
 
-    def _record_success(self, started: float) -> None:
+    def _record_success(self, partner: str, stream: FrameStream, seconds: float) -> None:
         self.metrics.exchanges.labels(result="ok").inc()
-        self.metrics.exchange_seconds.observe(time.monotonic() - started)
+        self.metrics.exchange_seconds.observe(seconds)
+        self.penalties.forgive(partner)
+        self._observe(partner, "ok", stream)
 
-    def _record_failure(self, partner: str, error: BaseException) -> None:
+    def _record_failure(self, partner: str, error: BaseException, stream: FrameStream | None = None) -> None:
         result = classify_failure(error)
         self.metrics.exchanges.labels(result=result).inc()
-        logger.info("exchange with %s failed (%s): %s", partner[-8:], result, error or type(error).__name__)
+        how_long = ""
+        if partner_at_fault(error):
+            how_long = f"; not pairing with it for {self.penalties.punish(partner, time.monotonic()):.0f}s"
+        logger.info("exchange with %s failed (%s): %s%s", partner[-8:], result, error or type(error).__name__, how_long)
+        self._observe(partner, result, stream)
 
-    def _record_protocol_error(self, peer: str, error: ProtocolError) -> None:
-        self.metrics.protocol_errors.labels(kind=error.kind).inc()
-        self._record_failure(peer, error)
+    def _observe(self, partner: str, result: str, stream: FrameStream | None) -> None:
+        """An accepted exchange ended (one that got to its transfer): the bytes/s and completion gauges, and a
+        diagnosis in the log when most of the last ones failed."""
+        transfer = stream.last_received if stream is not None else None
+        if transfer is None:
+            return  # refused, unreachable, or the search ended before the transfer: not an exchange that failed
+        record = ExchangeRecord(result, self.exchange_bytes, transfer.bytes, transfer.elapsed)
+        if record.rate is not None:
+            self.metrics.exchange_bytes_per_second.set(record.rate)
+        diagnosis = self.health.record(record)
+        self.metrics.exchange_completion_ratio.set(self.health.completion_ratio)
+        if diagnosis is not None:
+            logger.warning("pair exchanges keep failing: %s", diagnosis)
 
     # ------------------------------------------------------------------ incoming requests
     async def _serve_request(self, incoming: Incoming, request: ExchangeRequest) -> None:
@@ -281,28 +328,26 @@ class Gossip:
 
     def _incoming_failed(self, incoming: Incoming, error: Exception) -> None:
         if incoming.task is not None:  # the exchange had started
-            self._record_failure(incoming.peer, error)
+            self._record_failure(incoming.peer, error, incoming.stream)
         elif isinstance(error, ProtocolError):
             logger.warning("protocol error from %s: %s", incoming.peer[-8:], error)
         else:  # peer gone / timeout
             logger.debug("incoming stream from %s failed before a request: %s", incoming.peer[-8:], error)
 
     def _incoming_closed(self, incoming: Incoming) -> None:
-        if incoming.task is not None and self._incoming_task is incoming.task:
-            self._incoming_task, self._incoming_confirming = None, False
+        if incoming.task is None:
+            return  # refused: nothing changed for the partner search
+        if self._incoming_task is incoming.task:
+            self._incoming_task = None
         self._wakeup.set()
 
     async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future) -> None:
-        started = time.monotonic()
+        """Accepted: the exchange lives while its bytes flow (the search deadline does not cut it)."""
+        accepted = time.monotonic()
         await stream.send(ExchangeAccept(round=self._round))
-        remaining = max(0.0, self._deadline - time.monotonic())
-        chunk_bytes = self.settings.stream.chunk_bytes
-        received = await asyncio.wait_for(
-            transfer_tensors(stream, self._outgoing, self._expected_specs(), chunk_bytes), remaining
-        )
-        self._incoming_confirming = True
-        await asyncio.wait_for(confirm(stream), self.settings.stream.io_timeout)
-        self._record_success(started)
+        received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.stream.chunk_bytes)
+        await confirm(stream)
+        self._record_success(sender, stream, time.monotonic() - accepted)
         if not paired.done():
             paired.set_result((sender, received, their_round))
 
@@ -329,6 +374,8 @@ class Gossip:
         )
         if request.sender in self.excluded():
             return "flagged"
+        if self.penalties.blocked(request.sender, time.monotonic()):
+            return "busy"  # it broke an exchange with us lately (too slow, stalled, invalid data)
         wire = self.settings.stream
         same_manifest = request.run_id == wire.run_id and request.manifest_hash == wire.manifest_hash
         return refusal_reason(state, request.sender, request.round, same_manifest, self.settings.max_staleness)

@@ -8,7 +8,10 @@ transfers; the joiner acks, so the donor closes only after everything arrived.
 Donor side: the state served is the one the trainer published at its last round
 boundary. φ and δ are replaced there, never mutated in place, so the donor streams
 straight from them: no copy, and a round finishing meanwhile cannot tear the state.
-A donor serves at most `max_uploads` joiners at a time and refuses the rest as busy.
+A donor serves at most `max_uploads` joiners at a time, at most one upload to each requester
+(a joiner downloads from one donor at a time, so one identity cannot hold every slot), and
+refuses the rest as busy. An upload lives while its bytes flow: a joiner that stalls or reads
+slower than the minimum transfer rate loses its slot after about one I/O timeout.
 
 Joiner side: the receive buffers are allocated once and every chunk is written
 straight into them (the state is never held twice). Each read is bounded by the I/O
@@ -39,6 +42,7 @@ from protocol import (
 )
 
 from node.metrics import NodeMetrics
+from node.net.limits import ConcurrencyLimiter
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
 
@@ -47,6 +51,7 @@ logger = logging.getLogger(__name__)
 STATE_PROTOCOL = "gossiptrain/state/1"
 STATE_TENSORS = ("phi", "momentum")
 RETRY_PAUSE = 1.0  # between two passes over the donor list
+UPLOADS_PER_REQUESTER = 1  # upload slots one requester may hold at once
 
 
 StateSyncSettings = StreamSettings  # state sync needs nothing beyond the settings every stream protocol shares
@@ -98,7 +103,7 @@ class StateServer:
         self.p2p, self.settings, self.metrics = p2p, settings, metrics
         self.get_state = get_state
         self.max_uploads = max_uploads
-        self.uploads = 0
+        self.slots = ConcurrencyLimiter(UPLOADS_PER_REQUESTER, max_uploads)
         self.stopping = False
         self.service = StreamService(p2p, STATE_PROTOCOL, StateRequest, settings, metrics, "state",
                                      serve=self._serve, failed=self._failed)
@@ -106,24 +111,28 @@ class StateServer:
     async def start(self) -> None:
         await self.service.start()
 
+    @property
+    def uploads(self) -> int:
+        """Uploads running now."""
+        return self.slots.open_total
+
     def _refusal(self, request: StateRequest) -> str | None:
         if request.run_id != self.settings.run_id or request.manifest_hash != self.settings.manifest_hash:
             return "manifest"
         if self.stopping:
             return "shutting_down"
-        if self.uploads >= self.max_uploads:
-            return "busy"
         return None
 
     async def _serve(self, incoming: Incoming, request: StateRequest) -> None:
         """A request from its authenticated sender (StreamService counts, reports and closes)."""
         state = self.get_state()
         reason = self._refusal(request) or (None if state is not None else "no_state")
+        if reason is None and self.slots.admit(incoming.peer) is not None:
+            reason = "busy"  # every slot taken, or this requester holds its share already
         if reason is not None:
             await incoming.stream.send(ExchangeReject(reason=reason, round=state.round if state else 0))
             self.metrics.state_uploads.labels(result="refused").inc()
             return
-        self.uploads += 1
         try:
             started = time.monotonic()
             offer = StateOffer(
@@ -133,7 +142,7 @@ class StateServer:
             tensors = {"phi": state.slow, "momentum": state.momentum}
             await offer_tensors(incoming.stream, offer, tensors, self.settings.chunk_bytes)
         finally:
-            self.uploads -= 1
+            self.slots.release(incoming.peer)
         self.metrics.state_uploads.labels(result="ok").inc()
         logger.info("sent state of round %d to joiner %s in %.2fs", state.round, incoming.peer[-8:],
                     time.monotonic() - started)
@@ -167,7 +176,7 @@ async def _fetch(
     try:
         request = StateRequest(run_id=settings.run_id, manifest_hash=settings.manifest_hash, sender=me)
         return await request_tensors(stream, request, StateOffer, lambda offer: _check_offer(offer, settings),
-                                     DonorRefused, buffers)
+                                     DonorRefused, buffers, settings.chunk_bytes)
     finally:
         stream.close()
 

@@ -2,8 +2,14 @@
 
 Gossip exchanges (`gossiptrain/exchange/1`), state sync (`gossiptrain/state/1`) and audits
 (`gossiptrain/audit/1`) run alike (protocol/SPEC.md §1, §7):
- - a stream carries FrameStream frames of at most `max_frame_bytes`, every read and drain is
-   bounded by the I/O timeout, and its bytes are counted under bytes_sent/received{kind};
+ - a stream carries FrameStream frames: control frames (requests, replies, acks) of at most
+   MAX_CONTROL_FRAME_BYTES, tensor transfers' frames of at most `max_frame_bytes`; every read and
+   drain is bounded by the I/O timeout, a transfer also by the minimum transfer rate (it lives
+   while its bytes flow, node/net/limits.py), and its bytes are counted under bytes_sent/received{kind};
+ - the server admits at most `max_streams_per_peer` open streams per peer and `max_streams` in all
+   (every protocol of the node together: one ConcurrencyLimiter per P2P instance, `stream_limiter`):
+   a stream over a cap is told `busy` and closed before a byte of it is read, and counted under
+   streams_refused{reason};
  - the dialer (open_stream) opens the stream within the I/O timeout and sends one request
    that names its own peer id; the server (StreamService) refuses the request as a protocol
    error unless that claim is the stream's peer, which libp2p authenticated;
@@ -17,19 +23,32 @@ What a protocol does with a valid request stays in its own module.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hivemind.p2p import P2P, PeerID
 
-from protocol import InvalidField, ProtocolError, TruncatedFrame
+from protocol import (
+    MAX_CONTROL_FRAME_BYTES,
+    ExchangeReject,
+    InvalidField,
+    ProtocolError,
+    TruncatedFrame,
+    encode_frame,
+    encode_message,
+)
 
+from node.config import NodeConfig
+from node.net.limits import ConcurrencyLimiter, RateRule
 from node.net.streams import FrameStream
 
 if TYPE_CHECKING:
-    from node.config import NodeConfig
     from node.metrics import NodeMetrics
+
+# told to a stream refused by a cap, before its request is read: every protocol's requester takes an ExchangeReject
+_BUSY_FRAME = encode_frame(encode_message(ExchangeReject(reason="busy", round=0)))
 
 
 @dataclass(frozen=True)
@@ -42,11 +61,21 @@ class StreamSettings:
     io_timeout: float
     max_frame_bytes: int
     chunk_bytes: int
+    min_transfer_rate: float = NodeConfig.min_transfer_rate
+    max_streams_per_peer: int = NodeConfig.max_streams_per_peer
+    max_streams: int = NodeConfig.max_streams
 
     @classmethod
     def from_config(cls, cfg: NodeConfig, manifest_hash: str, numel: int) -> StreamSettings:
         return cls(run_id=cfg.run_id, manifest_hash=manifest_hash, numel=numel, io_timeout=cfg.io_timeout,
-                   max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes)
+                   max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
+                   min_transfer_rate=cfg.min_transfer_rate, max_streams_per_peer=cfg.max_streams_per_peer,
+                   max_streams=cfg.max_streams)
+
+    @property
+    def rate(self) -> RateRule:
+        """The progress every transfer must make: min_transfer_rate, with one I/O timeout of slack."""
+        return RateRule(self.min_transfer_rate, self.io_timeout)
 
     def frame_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, metrics: NodeMetrics,
                      kind: str) -> FrameStream:
@@ -54,7 +83,22 @@ class StreamSettings:
         return FrameStream(
             reader, writer, max_frame_bytes=self.max_frame_bytes, io_timeout=self.io_timeout,
             on_sent=metrics.bytes_sent.labels(kind=kind).inc, on_received=metrics.bytes_received.labels(kind=kind).inc,
+            control_frame_bytes=MAX_CONTROL_FRAME_BYTES, rate=self.rate,
         )
+
+
+_LIMITERS: weakref.WeakKeyDictionary[P2P, ConcurrencyLimiter] = weakref.WeakKeyDictionary()
+
+
+def stream_limiter(p2p: P2P | None, settings: StreamSettings) -> ConcurrencyLimiter:
+    """The open incoming streams of one node, all its protocols together: one limiter per P2P instance
+    (its first service sets the caps). Without a P2P (tests over plain TCP) each service has its own."""
+    limiter = _LIMITERS.get(p2p) if p2p is not None else None
+    if limiter is None:
+        limiter = ConcurrencyLimiter(settings.max_streams_per_peer, settings.max_streams)
+        if p2p is not None:
+            _LIMITERS[p2p] = limiter
+    return limiter
 
 
 def check_sender(claimed: str, peer: str) -> None:
@@ -90,7 +134,7 @@ class StreamService:
 
     def __init__(
         self,
-        p2p: P2P,
+        p2p: P2P | None,
         protocol: str,
         request_type: type,
         settings: StreamSettings,
@@ -104,13 +148,31 @@ class StreamService:
         self.p2p, self.protocol, self.request_type = p2p, protocol, request_type
         self.settings, self.metrics, self.kind = settings, metrics, kind
         self.serve, self.failed, self.closed = serve, failed, closed
+        self.limiter = stream_limiter(p2p, settings)
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(self.protocol, self.handle)
 
     async def handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = info.peer_id.to_base58()
+        limiter = self.limiter
+        refusal = limiter.admit(peer)
+        if refusal is not None:  # over a cap: not a byte of it is read
+            self.metrics.streams_refused.labels(reason=refusal).inc()
+            try:
+                writer.write(_BUSY_FRAME)  # best effort: the requester may take it as a refusal
+                writer.close()
+            except Exception:  # noqa: BLE001 - the stream may be broken already
+                pass
+            return
+        try:
+            await self._handle(peer, reader, writer)
+        finally:
+            limiter.release(peer)
+
+    async def _handle(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = self.settings.frame_stream(reader, writer, self.metrics, self.kind)
-        incoming = Incoming(info.peer_id.to_base58(), stream)
+        incoming = Incoming(peer, stream)
         try:
             request = await incoming.stream.recv(self.request_type)
             check_sender(request.sender, incoming.peer)

@@ -24,6 +24,9 @@ from protocol import (
 )
 
 from node.gossip.exchange import EXCHANGE_PROTOCOL
+from node.net.dht import DHTClient
+from node.net.identity import Identity
+from node.net.signed_records import SignedRecordValidator
 from node.net.streams import FrameStream, RemoteError
 from tests.integration.conftest import TINY, poll
 
@@ -54,7 +57,7 @@ class HostileClient:
     async def announce(self, round_: int) -> None:
         """Presence record: makes the node expect a partner (and wait for one) at its round boundary."""
         value = {"round": round_, "manifest": self.manifest, "eval_loss": None, "maddrs": []}
-        assert await self.dht.store(f"{RUN}.peers", value, get_dht_time() + 60, subkey=self.peer_id)
+        assert await DHTClient(self.dht).store(f"{RUN}.peers", value, get_dht_time() + 60, subkey=self.peer_id)
 
     async def open(self) -> FrameStream:
         _info, reader, writer = await asyncio.wait_for(
@@ -101,12 +104,16 @@ class HostileClient:
 
 
 @contextlib.asynccontextmanager
-async def hostile_client(node):
-    p2p = await P2P.create(initial_peers=[node.maddr])
-    dht = await DHTNode.create(p2p=p2p, initial_peers=[node.maddr], cache_locally=False)
+async def hostile_client(node, tmp_path):
+    # a peer of the swarm: its presence is its own, signed with its Ed25519 identity (SPEC.md §15)
+    identity = Identity.generate()
+    identity.save(tmp_path / "hostile.key")
+    p2p = await P2P.create(initial_peers=[node.maddr], identity_path=str(tmp_path / "hostile.key"),
+                           check_if_identity_free=False)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=[node.maddr], cache_locally=False,
+                               record_validator=SignedRecordValidator(identity))
     try:
-        manifest = (await dht.get(f"{RUN}.manifest", latest=True)).value
-        client = HostileClient(p2p, dht, PeerID.from_base58(node.status["peer_id"]), manifest)
+        client = HostileClient(p2p, dht, PeerID.from_base58(node.status["peer_id"]), node.status["manifest"])
         await client.announce(0)
         yield client
     finally:
@@ -128,9 +135,9 @@ def frame(body: dict) -> bytes:
     return encode_frame(msgpack.packb(body))
 
 
-async def test_node_refuses_malformed_frames_with_typed_errors(lone_node):
+async def test_node_refuses_malformed_frames_with_typed_errors(lone_node, tmp_path):
     node = lone_node.nodes[0]
-    async with hostile_client(node) as client:
+    async with hostile_client(node, tmp_path) as client:
         assert (await client.send_raw_and_read_error(b"\x00\x00\x00\x05hello")).kind == "malformed"
         assert (await client.send_raw_and_read_error(b"\xff\xff\xff\xff")).kind == "oversized"
         assert (await client.send_raw_and_read_error(frame({"v": 99, "t": 1}))).kind == "version"
@@ -151,10 +158,10 @@ async def test_node_refuses_malformed_frames_with_typed_errors(lone_node):
              timeout=30, what=f"protocol_errors_total{{kind={kind}}} to count the refusal")
 
 
-async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node):
+async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node, tmp_path):
     node = lone_node.nodes[0]
     numel = node.status["parameters"]
-    async with hostile_client(node) as client:
+    async with hostile_client(node, tmp_path) as client:
         wrong_numel = await client.send_raw_and_read_error(
             encode_frame(encode_message(client.request(0, numel + 1))))
         assert wrong_numel.kind == "shape"
@@ -165,7 +172,8 @@ async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node):
         stream = await client.accepted_stream(numel)  # a real pairing, then a poisoned tensor
         poisoned = np.zeros(numel, dtype="<f4")
         poisoned[::1000] = np.nan
-        for message in tensor_messages(TensorSpec("theta", "float32", (numel,)), poisoned.tobytes(), 2**20):
+        # in the run's chunk size (the default 2 MiB): chunks of another size are refused from the header
+        for message in tensor_messages(TensorSpec("theta", "float32", (numel,)), poisoned.tobytes(), 2 * 2**20):
             await stream.send(message)
         kind = await read_until_error(stream)
         stream.close()

@@ -5,7 +5,7 @@ import contextlib
 
 import numpy as np
 
-from protocol import ChecksumMismatch, ExchangeReject, NonFiniteTensor, StateOffer, StateRequest, TensorEnd
+from protocol import ChecksumMismatch, ExchangeReject, InvalidField, NonFiniteTensor, StateOffer, StateRequest, TensorEnd
 
 from node.net.streams import FrameStream, PeerGone, RemoteError
 from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors, swap_tensors
@@ -49,11 +49,23 @@ async def test_swap_delivers_each_side_the_others_tensor():
     theirs = np.random.default_rng(1).standard_normal(NUMEL).astype(np.float32)
     spec = [flat_spec("theta", NUMEL)]
     got_theirs, got_mine = await pair(
-        lambda s: swap_tensors(s, {"theta": theirs}, spec, chunk_bytes=256 * 1024),
+        lambda s: swap_tensors(s, {"theta": theirs}, spec, chunk_bytes=100_000),
         lambda s: swap_tensors(s, {"theta": mine}, spec, chunk_bytes=100_000),
     )
     assert np.array_equal(got_theirs["theta"], theirs)
     assert np.array_equal(got_mine["theta"], mine)
+
+
+async def test_chunks_of_another_size_than_the_runs_are_refused():
+    data = np.zeros(NUMEL, dtype=np.float32)
+    spec = [flat_spec("theta", NUMEL)]
+    outcomes = await pair(
+        lambda s: swap_tensors(s, {"theta": data}, spec, chunk_bytes=256 * 1024),
+        lambda s: swap_tensors(s, {"theta": data}, spec, chunk_bytes=100_000),
+    )
+    # each refuses the other's header (or sees the other close first)
+    assert any(isinstance(outcome, InvalidField) for outcome in outcomes), outcomes
+    assert all(isinstance(outcome, (InvalidField, PeerGone)) for outcome in outcomes), outcomes
 
 
 async def test_nan_tensor_is_refused_and_the_sender_is_told():
