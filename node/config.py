@@ -66,6 +66,7 @@ class NodeConfig:
     alpha: float = 0.5
     beta: float = 0.7
     gamma: float = 0.7
+    overlap: str = "on"  # on: local outer step at once, the pair's correction lands later; off: wait for the pair
     # --- gossip ---
     rounds: int = 0
     min_peers: int = 0
@@ -77,6 +78,11 @@ class NodeConfig:
     presence_ttl: float = 6.0
     max_frame_bytes: int = 8 * 2**20
     chunk_bytes: int = 2 * 2**20
+    # a transfer (exchange, state upload/download, audit) lives while it moves at least this many bytes/s,
+    # with io_timeout seconds of slack (node/net/limits.py): a 20 Mbit/s link (2.5 MB/s) passes ~10x over
+    min_transfer_rate: float = 256.0 * 2**10
+    max_streams_per_peer: int = 4  # open incoming streams (all protocols) one peer may hold at once
+    max_streams: int = 32  # open incoming streams in all
     # --- join, leave, checkpoints ---
     checkpoint_every: int = 5
     checkpoint_keep: int = 3
@@ -104,6 +110,7 @@ class NodeConfig:
             (self.sync in ("noloco", "local"), f"sync must be 'noloco' or 'local', got {self.sync!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
+            (self.overlap in ("on", "off"), f"overlap must be 'on' or 'off', got {self.overlap!r}"),
             (self.inner_steps >= 1, "inner_steps must be >= 1"),
             (self.rounds >= 0, "rounds must be >= 0 (0 runs until stopped)"),
             (self.min_peers >= 0 and self.min_peers_timeout >= 0, "min_peers and min_peers_timeout must be >= 0"),
@@ -119,6 +126,9 @@ class NodeConfig:
             (0 <= self.alpha < 1 and self.beta > 0 and self.gamma > 0, "need 0 <= alpha < 1, beta > 0, gamma > 0"),
             (self.chunk_bytes >= 1024 and self.max_frame_bytes >= self.chunk_bytes + 1024,
              "max_frame_bytes must exceed chunk_bytes by at least 1 KiB"),
+            (0 < self.min_transfer_rate < float("inf"), "min_transfer_rate must be > 0 (bytes per second)"),
+            (1 <= self.max_streams_per_peer <= self.max_streams,
+             "need 1 <= max_streams_per_peer <= max_streams"),
             (self.checkpoint_every >= 0 and self.checkpoint_keep >= 1,
              "checkpoint_every must be >= 0 (0: only on leave) and checkpoint_keep >= 1"),
             (self.resume_max_lag >= 0 and self.max_uploads >= 0, "resume_max_lag and max_uploads must be >= 0"),
@@ -151,7 +161,7 @@ class NodeConfig:
             "inner": {"optimizer": "adamw",
                       **self._values("lr", "weight_decay", "grad_clip", "warmup_steps", "lr_schedule_steps",
                                      "batch_size")},
-            "outer": self._values("sync", "inner_steps", "alpha", "beta", "gamma"),
+            "outer": self._values("sync", "inner_steps", "alpha", "beta", "gamma", "overlap"),
             "wire": self._values("chunk_bytes"),
             "verify": {"on": self.verify,
                        **self._values("rate", "max_hamming", "max_rel_l2", "max_norm_ratio", prefix="verify_")},

@@ -39,6 +39,7 @@ from node.metrics import NodeMetrics, counts_by_label
 from node.net.identity import Identity, IdentityError
 from node.net.membership import DHTUnavailable, Membership
 from node.net.p2pd import start_p2p
+from node.net.signed_records import SignedRecordValidator
 from node.net.stream_service import StreamSettings
 from node.round import Progress, Rounds
 from node.tasks import BackgroundTasks
@@ -138,7 +139,8 @@ class Node:
                 check_if_identity_free=False,  # hivemind's check only reads RSA keys
             )
             self.dht = await asyncio.wait_for(
-                DHTNode.create(p2p=self.p2p, initial_peers=cfg.initial_peers or None, cache_locally=False),
+                DHTNode.create(p2p=self.p2p, initial_peers=cfg.initial_peers or None, cache_locally=False,
+                               record_validator=SignedRecordValidator(self.identity)),  # owner-signed records only
                 STARTUP_TIMEOUT,
             )
         except TimeoutError as error:
@@ -308,6 +310,8 @@ class Node:
             # restart finishes this very round (the remaining inner steps, then the pairing)
             return
         result = await self.rounds.outer_step(stats)
+        if self.cfg.rounds and self.progress.rounds_done >= self.cfg.rounds:
+            await self.rounds.settle(result)  # overlap on: the last exchange lands in the final state
         self._donor = (self.progress.round, self.trainer.published)
         if self.cfg.checkpoint_every and self.progress.rounds_done % self.cfg.checkpoint_every == 0:
             await self._checkpoint()

@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from protocol import ProtocolError
 
-EXCHANGE_RESULTS = ("ok", "rejected", "timeout", "peer_gone", "protocol_error", "aborted", "no_partner")
-FAILED_RESULTS = ("timeout", "peer_gone", "protocol_error", "aborted")  # an accepted exchange that broke
+EXCHANGE_RESULTS = ("ok", "rejected", "timeout", "too_slow", "peer_gone", "protocol_error", "aborted", "no_partner")
+FAILED_RESULTS = ("timeout", "too_slow", "peer_gone", "protocol_error", "aborted")  # an accepted exchange that broke
 
 
 def counts_by_label(counter: Counter, label: str) -> dict[str, int]:
@@ -55,7 +55,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("exchanges", Counter, "gossiptrain_exchanges", "Pair exchanges by result", ("result",),
                zeros=EXCHANGE_RESULTS),
     MetricSpec("exchange_seconds", Histogram, "gossiptrain_exchange_seconds", "Duration of successful pair exchanges",
-               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)),
+    MetricSpec("exchange_bytes_per_second", Gauge, "gossiptrain_exchange_bytes_per_second",
+               "Rate at which the partner's tensors arrived in the last accepted pair exchange, completed or not"),
+    MetricSpec("exchange_completion_ratio", Gauge, "gossiptrain_exchange_completion_ratio",
+               "Share of the last 10 accepted pair exchanges that completed (1 until the first one)"),
+    MetricSpec("streams_refused", Counter, "gossiptrain_streams_refused",
+               "Incoming streams closed unread: the peer's or the node's cap of open streams was reached", ("reason",),
+               zeros=("peer_limit", "total_limit")),
     MetricSpec("sync_wait_seconds", Histogram, "gossiptrain_sync_wait_seconds",
                "Time from round end to outer step (partner search + exchange)",
                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)),
@@ -73,6 +80,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "Tensor bytes of state downloaded from donors on join"),
     MetricSpec("state_uploads", Counter, "gossiptrain_state_uploads", "State requests served to joiners, by result",
                ("result",), zeros=("ok", "refused", "failed")),
+    MetricSpec("audit_uploads", Counter, "gossiptrain_audit_uploads",
+               "Audit requests (start state of a drawn round) served to verifiers, by result; not_committee: "
+               "refused to a peer outside that audit's committee", ("result",),
+               zeros=("ok", "refused", "not_committee", "failed")),
     MetricSpec("start_mode", Gauge, "gossiptrain_start_mode", "How this process got its weights (1 for the mode used)",
                ("mode",)),
     MetricSpec("checkpoint_seconds", Histogram, "gossiptrain_checkpoint_seconds",
@@ -108,6 +119,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "Trainer-thread seconds spent on verification (signatures, digests, replays)"),
     MetricSpec("train_compute_seconds", Counter, "gossiptrain_train_compute_seconds",
                "Trainer-thread seconds spent on inner steps"),
+    MetricSpec("utilisation", Gauge, "gossiptrain_utilisation",
+               "Share of wall time spent on inner steps since this process's first round (train compute / wall)"),
 )
 
 
@@ -127,6 +140,9 @@ class NodeMetrics:
     peers_live: Gauge
     exchanges: Counter
     exchange_seconds: Histogram
+    exchange_bytes_per_second: Gauge
+    exchange_completion_ratio: Gauge
+    streams_refused: Counter
     sync_wait_seconds: Histogram
     round_seconds: Histogram
     bytes_sent: Counter
@@ -135,6 +151,7 @@ class NodeMetrics:
     state_sync_seconds: Gauge
     state_sync_bytes: Counter
     state_uploads: Counter
+    audit_uploads: Counter
     start_mode: Gauge
     checkpoint_seconds: Histogram
     checkpoint_last_success: Gauge
@@ -151,6 +168,7 @@ class NodeMetrics:
     replay_seconds: Histogram
     verify_compute_seconds: Counter
     train_compute_seconds: Counter
+    utilisation: Gauge
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

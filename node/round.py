@@ -1,7 +1,9 @@
 """One round of a node: H inner steps, then a NoLoCo outer step with one random partner (or alone).
 
-    train (trainer thread) -> commit (verification) -> pair and swap (gossip) -> accept? -> outer step
-    -> checkpoint every N rounds -> held-out loss -> publish the new round
+    overlap off:  train (trainer thread) -> commit (verification) -> pair and swap (gossip) -> accept? -> outer step
+    overlap on:   train -> commit -> local outer step with the corrections that landed -> next round at once,
+                  while pair and swap -> accept? runs in the background (its correction lands at a later boundary)
+    then: checkpoint every N rounds -> held-out loss -> publish the new round
 
 `Progress` is what the node has done so far; the presence record, node.json, history.jsonl
 and summary.json all read it.
@@ -9,6 +11,7 @@ and summary.json all read it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +25,7 @@ from node.gossip.exchange import Gossip
 from node.gossip.pairing import clock_catch_up
 from node.metrics import NodeMetrics
 from node.net.membership import Membership
-from node.train.trainer import RoundStats, Trainer
+from node.train.trainer import PartnerUpdate, RoundStats, Trainer
 from node.verify.faults import Fault, cheat
 from node.verify.service import Verification
 
@@ -51,6 +54,36 @@ class RoundResult:
     history: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExchangeResult:
+    """An exchange that ran in the background (`overlap on`): partner None if none was found or its update
+    was refused."""
+
+    partner: str | None
+    partner_round: int | None
+    sent: dict[str, Any]
+    received: dict[str, Any] | None
+    seconds: float
+
+
+@dataclass
+class Exchange:
+    """The one exchange in flight, started at the boundary after `step` outer steps of this process; `shift`:
+    what the correction that landed at that boundary added to φ (see PartnerUpdate)."""
+
+    task: asyncio.Task
+    step: int
+    shift: torch.Tensor | None = None
+
+
+def clock_after_exchange(round_: int, partner_round: int, lag: int) -> int:
+    """The round clock when an exchange lands `lag` outer steps after it started (before this boundary's +1).
+
+    The sequential engine leaves a pair with max(own, partner) + 1 and counts on from there; `lag` boundaries
+    later that is max(own + lag, partner + lag): what this gives, since own + lag is the clock now."""
+    return max(round_, partner_round + lag)
+
+
 class Rounds:
     def __init__(self, cfg: NodeConfig, trainer: Trainer, gossip: Gossip, verification: Verification | None,
                  membership: Membership, metrics: NodeMetrics, compute: Compute, progress: Progress,
@@ -59,8 +92,18 @@ class Rounds:
         self.membership, self.metrics, self.compute, self.progress = membership, metrics, compute, progress
         self.fault = fault
         self._fault_generator = torch.Generator().manual_seed(fault_seed) if fault is not None else None
+        self.exchange: Exchange | None = None  # overlap on: the exchange running in the background
+        self._steps = 0  # outer steps taken by this process (lags of background exchanges count these)
+        self._first_round_started: float | None = None
+        self._compute_seconds = 0.0
+
+    @property
+    def overlapped(self) -> bool:
+        return self.cfg.sync == "noloco" and self.cfg.overlap == "on"
 
     async def train(self) -> RoundStats:
+        if self._first_round_started is None:
+            self._first_round_started = time.monotonic()
         stats = await self.compute(self.trainer.run_round)
         m = self.metrics
         if stats.steps:
@@ -70,28 +113,21 @@ class Rounds:
             m.train_loss.set(stats.mean_loss)
             m.round_seconds.observe(stats.seconds)
             m.train_compute_seconds.inc(stats.seconds)
+            self._compute_seconds += stats.seconds
+            # what the trainer did not wait for: boundaries (network, outer step), evaluation, checkpoints, audits
+            m.utilisation.set(self._compute_seconds / max(time.monotonic() - self._first_round_started, 1e-9))
         return stats
 
     async def outer_step(self, stats: RoundStats) -> RoundResult:
         """Pair (unless `--sync local`), apply the outer step and move the round clock on."""
+        if self.overlapped:
+            return await self._eager_outer_step(stats)
         progress, m = self.progress, self.metrics
         partner, tensors, waited = None, None, 0.0
         next_round = progress.round + 1
         if self.cfg.sync == "noloco":
-            live_rounds = [peer.round for peer in self.membership.live.values()]
-            if (caught_up := clock_catch_up(live_rounds, progress.round, self.cfg.max_staleness)) is not None:
-                logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
-                            self.cfg.max_staleness, progress.round, caught_up)
-                progress.round, next_round = caught_up, caught_up + 1
-            committed_update = None  # test-only fault injection may commit to another update than it sends
-            if self.fault is not None:
-                committed_update = await self.compute(cheat, self.trainer, self.fault, self._fault_generator,
-                                                      progress.round)
-            if self.verification is not None:
-                # None: this round is not paired
-                outgoing = await self.verification.commit(progress.round, committed_update)
-            else:
-                outgoing = await self.compute(self.trainer.outgoing_tensors)
+            next_round = self._catch_up_clock() + 1
+            outgoing = await self._commit()
             if outgoing is not None:
                 outcome = await self.gossip.sync_round(progress.round, outgoing, self.cfg.sync_timeout)
                 partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
@@ -104,11 +140,124 @@ class Rounds:
                     next_round = max(progress.round, outcome.partner_round) + 1
         m.sync_wait_seconds.observe(waited)
         distance = await self.compute(self.trainer.apply_outer_step, tensors)
+        self._steps += 1
+        return self._finish(stats, "paired" if partner else "local", partner, distance, waited, next_round)
+
+    async def _eager_outer_step(self, stats: RoundStats) -> RoundResult:
+        """`overlap on`: land the exchange that completed since the last boundary (its correction, its round
+        clock), start this round's exchange in the background unless one is still running, take the local
+        outer step, and return: the next round's inner steps start while the exchange runs."""
+        progress = self.progress
+        boundary = time.monotonic()
+        landed, in_flight = self._landed()
+        partner, updates = None, []
+        if landed is not None:
+            result, update = landed
+            partner, updates = result.partner, [update]
+            # the clock moves when the exchange is applied, as if the pair had left with max(own, partner) + 1
+            progress.round = clock_after_exchange(progress.round, result.partner_round, update.lag)
+        self._catch_up_clock()
+        outgoing = None if in_flight else await self._commit()
+        if outgoing is not None:
+            self.exchange = Exchange(self.gossip.background.spawn(self._exchange(progress.round, outgoing)),
+                                     self._steps)
+        waited = time.monotonic() - boundary  # the commitment's DHT store: the only network wait left here
+        self.metrics.sync_wait_seconds.observe(waited)
+        if partner is not None and self._flagged_since(partner):  # flagged while this boundary committed
+            partner, updates = None, []
+        distance, shift = await self.compute(self.trainer.apply_eager_outer_step, updates)
+        if outgoing is not None:
+            self.exchange.shift = shift
+        self._steps += 1
+        mode = "paired" if partner else "in_flight" if in_flight else "local"
+        return self._finish(stats, mode, partner, distance, waited, progress.round + 1)
+
+    async def settle(self, result: RoundResult) -> None:
+        """The node's last round (`--rounds` reached, `overlap on`): wait for the exchange in flight and land its
+        correction now, so the final state holds it. (A leave does not wait: a lost correction is a local step.)"""
+        if self.exchange is None:
+            return
+        await asyncio.wait({self.exchange.task})
+        landed, _ = self._landed()
+        if landed is None:
+            return
+        exchange, update = landed
+        distance = await self.compute(self.trainer.apply_late_corrections, [update])
+        self.progress.round = clock_after_exchange(self.progress.round, exchange.partner_round, update.lag)
+        self.metrics.round.set(self.progress.round)
+        self._record_partner(exchange.partner, distance)
+        result.partner, result.distance = exchange.partner, distance
+        result.history.update(partner=exchange.partner, partner_distance=distance)
+
+    def _landed(self) -> tuple[tuple[ExchangeResult, PartnerUpdate] | None, bool]:
+        """(the exchange that completed since the last boundary with its update, if it brought one;
+        whether one is still running). Re-raises what the exchange raised."""
+        exchange = self.exchange
+        if exchange is None:
+            return None, False
+        if not exchange.task.done():
+            return None, True
+        self.exchange = None
+        result: ExchangeResult = exchange.task.result()
+        if result.partner is None or result.received is None:
+            return None, False
+        if self._flagged_since(result.partner):
+            return None, False
+        lag = self._steps - exchange.step
+        logger.debug("exchange with %s (%.2fs) lands %d outer step(s) after it started", result.partner[-8:],
+                     result.seconds, lag)
+        return (result, PartnerUpdate(result.sent, result.received, lag, exchange.shift)), False
+
+    def _flagged_since(self, partner: str) -> bool:
+        """Whether an update accepted in the background came from a peer flagged since: it is not applied."""
+        if self.verification is None or partner not in self.verification.excluded():
+            return False
+        self.metrics.updates_refused.labels(reason="flagged").inc()
+        logger.warning("dropped the late update of %s, flagged since the exchange", partner[-8:])
+        return True
+
+    async def _exchange(self, round_: int, outgoing: dict[str, Any]) -> ExchangeResult:
+        """Pair and swap in the background (`overlap on`), and check the partner's update like the sequential
+        engine does; nothing here touches the trainer."""
+        outcome = await self.gossip.sync_round(round_, outgoing, self.cfg.sync_timeout)
+        partner, tensors = outcome.partner, outcome.tensors
+        if partner is not None and self.verification is not None and not await self.verification.accept_update(
+                partner, outcome.partner_round, tensors):
+            partner, tensors = None, None
+        return ExchangeResult(partner, outcome.partner_round if partner else None, outgoing, tensors,
+                              outcome.seconds)
+
+    def _catch_up_clock(self) -> int:
+        """Jump the round clock to the swarm's when no live peer is within max_staleness; returns the clock."""
+        progress = self.progress
+        live_rounds = [peer.round for peer in self.membership.live.values()]
+        if (caught_up := clock_catch_up(live_rounds, progress.round, self.cfg.max_staleness)) is not None:
+            logger.info("no peer within %d rounds of round %d: catching the clock up to %d",
+                        self.cfg.max_staleness, progress.round, caught_up)
+            progress.round = caught_up
+        return progress.round
+
+    async def _commit(self) -> dict[str, Any] | None:
+        """This round's commitment (verification on); returns the tensors to send, None: not paired."""
+        committed_update = None  # test-only fault injection may commit to another update than it sends
+        if self.fault is not None:
+            committed_update = await self.compute(cheat, self.trainer, self.fault, self._fault_generator,
+                                                  self.progress.round)
+        if self.verification is not None:
+            return await self.verification.commit(self.progress.round, committed_update)
+        return await self.compute(self.trainer.outgoing_tensors)
+
+    def _record_partner(self, partner: str | None, distance: float | None) -> None:
         if distance is not None:
-            m.partner_distance.set(distance)
+            self.metrics.partner_distance.set(distance)
         if partner is not None:
-            progress.last_exchange = {"time": time.time(), "partner": partner}
-        m.outer_rounds.labels(mode="paired" if partner else "local").inc()
+            self.progress.last_exchange = {"time": time.time(), "partner": partner}
+
+    def _finish(self, stats: RoundStats, mode: str, partner: str | None, distance: float | None, waited: float,
+                next_round: int) -> RoundResult:
+        progress, m = self.progress, self.metrics
+        self._record_partner(partner, distance)
+        m.outer_rounds.labels(mode=mode).inc()
         progress.round = next_round
         progress.rounds_done += 1
         m.round.set(progress.round)

@@ -12,6 +12,7 @@ import copy
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,15 @@ from torch.nn.utils import parameters_to_vector
 from node.config import NodeConfig
 from node.train.data import Corpus, ShardSampler, heldout_batches
 from node.train.model import ModelConfig, build_model
-from node.train.outer_step import OuterHyper, outer_step_full, outer_step_theta
+from node.train.outer_step import (
+    OuterHyper,
+    apply_correction,
+    eager_outer_step,
+    outer_step_full,
+    outer_step_theta,
+    pair_correction_full,
+    pair_correction_theta,
+)
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,20 @@ class RoundStart:
 
 
 START_TENSORS = ("phi", "adam_m", "adam_v")
+
+
+@dataclass(frozen=True)
+class PartnerUpdate:
+    """An exchange that completed in the background (`overlap on`): what this node sent at the boundary it
+    started at, what the partner sent, `lag`, how many outer steps this node has taken since then (m ≥ 1; its
+    own local step at that boundary included), and `shift`, what the correction that landed at that boundary
+    added to φ (None: none landed). The sent tensors describe the round's start φ_s; the node's slow weights
+    at that boundary were φ_s + shift, and the pair's pull is measured from there."""
+
+    sent: dict[str, np.ndarray]
+    received: dict[str, np.ndarray]
+    lag: int
+    shift: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +292,50 @@ class Trainer:
             )
         self._set_slow_state(slow, momentum)
         return distance
+
+    @torch.no_grad()
+    def apply_eager_outer_step(self, landed: Sequence[PartnerUpdate]) -> tuple[float | None, torch.Tensor | None]:
+        """`overlap on`, at a boundary: the corrections of the exchanges that landed since the last one, then
+        the local outer step with this round's Δ; sets θ ← φ. Returns (‖θ_i − θ_j‖ of the last one landed,
+        what the corrections added to φ: the shift of an exchange started at this boundary; None if nothing
+        landed)."""
+        corrections, distance = self._corrections(landed)
+        slow, momentum, corrected = eager_outer_step(self.slow_weights, self._fast_vector(), self.outer_momentum,
+                                                     corrections, self.hyper)
+        shift = corrected - self.slow_weights if corrections else None
+        self._set_slow_state(slow, momentum)
+        return distance, shift
+
+    @torch.no_grad()
+    def apply_late_corrections(self, landed: Sequence[PartnerUpdate]) -> float | None:
+        """Right after a boundary (the node's last round): land corrections without an outer step; θ ← φ."""
+        corrections, distance = self._corrections(landed)
+        slow, momentum = self.slow_weights, self.outer_momentum
+        for correction, lag in corrections:
+            slow, momentum = apply_correction(slow, momentum, correction, lag, self.hyper.alpha)
+        self._set_slow_state(slow, momentum)
+        return distance
+
+    def _corrections(self, landed: Sequence[PartnerUpdate]) -> tuple[list[tuple[torch.Tensor, int]], float | None]:
+        """(c, m) per landed exchange and the distance ‖θ_i − θ_j‖ of the last one. c is the paired minus the
+        local outer step at the exchange's boundary, from the node's slow weights there (φ_s + shift)."""
+        corrections, distance = [], None
+        for update in landed:
+            sent, received = (
+                {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in tensors.items()}
+                for tensors in (update.sent, update.received)
+            )
+            shift = 0.0 if update.shift is None else update.shift
+            if self.hyper.theta_only:
+                correction = pair_correction_theta(sent["theta"] + shift, received["theta"], self.hyper)
+                distance = float(torch.linalg.vector_norm(sent["theta"] - received["theta"]))
+            else:
+                correction = pair_correction_full(sent["phi"] + shift, sent["delta_update"], received["phi"],
+                                                  received["delta_update"], self.hyper)
+                distance = float(torch.linalg.vector_norm(
+                    sent["phi"] + sent["delta_update"] - received["phi"] - received["delta_update"]))
+            corrections.append((correction, update.lag))
+        return corrections, distance
 
     def _set_slow_state(self, slow: torch.Tensor, momentum: torch.Tensor) -> None:
         """Start a new round from φ: θ ← φ, and publish the boundary (on CUDA this copies φ and δ to

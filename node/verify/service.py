@@ -27,6 +27,7 @@ beyond one replay on the trainer thread.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -49,8 +50,10 @@ from protocol import (
     TensorShapeMismatch,
     TensorSpec,
 )
+from protocol.records import MAX_RECEIPTS, commit_key, receipts_key, votes_key
 from protocol.verification import (
     ACCEPT,
+    COMMITTEE_SIZE,
     REJECT,
     Commitment,
     Comparison,
@@ -116,6 +119,19 @@ class VerifySettings:
 
 
 SENT_PREFIX = "sent."
+
+# A verifier ranks the committee over its own view of the live peers; the audited peer checks a requester
+# against its view, which may hold a few peers more (just joined, not yet expired): this many places spare.
+AUDIT_RANK_SLACK = 2
+
+
+def may_fetch_audit(seed: bytes, requester: str, candidates: set[str], audited: str) -> bool:
+    """May `requester` fetch the start state of the audit with `seed`: is it on the committee or a reserve
+    (with AUDIT_RANK_SLACK places spare), ranking `candidates` (this node's live view, flagged peers out)?"""
+    if requester not in candidates or requester == audited:
+        return False
+    ranking = committee_ranking(seed, candidates, audited)
+    return ranking.index(requester) < COMMITTEE_SIZE + MAX_RESERVES + AUDIT_RANK_SLACK
 
 
 @dataclass(frozen=True)
@@ -243,8 +259,12 @@ class Verification:
         self.distrusted: set[str] = set()  # peers caught by this node sending what they did not commit
         self._commitments: dict[tuple[str, int], Commitment] = {}
         self._own_audits: dict[int, float] = {}  # our rounds drawn for audit -> when we saw the receipt
-        self._ignored: set[str] = set()  # receipts under {run}.audits that failed validation
-        self.keys = {"audits": f"{settings.run_id}.audits"}
+        self._ignored: set[bytes] = set()  # digests of receipts under {run}.audits that failed validation
+        self.keys = {"audits": receipts_key(settings.run_id)}
+        # our receipts still published (when stored, signed receipt), newest last: all of them are our one
+        # entry under {run}.audits (subkey: our peer id), re-stored whole, with an ever later expiration
+        self._receipts: list[tuple[float, bytes]] = []
+        self._receipts_expiration = 0.0
         self.stopping = False
         self.service = StreamService(p2p, AUDIT_PROTOCOL, AuditRequest, settings.stream, metrics, "audit",
                                      serve=self._serve_audit, failed=self._audit_upload_failed)
@@ -255,10 +275,10 @@ class Verification:
         return START_TENSORS + tuple(SENT_PREFIX + name for name in self.trainer.tensor_names())
 
     def _commit_key(self, round_: int) -> str:
-        return f"{self.settings.run_id}.commit.{round_}"
+        return commit_key(self.settings.run_id, round_)
 
     def _votes_key(self, peer: str, round_: int) -> str:
-        return f"{self.settings.run_id}.votes.{peer}.{round_}"
+        return votes_key(self.settings.run_id, peer, round_)
 
     async def start(self) -> None:
         await self.service.start()
@@ -373,33 +393,88 @@ class Verification:
         seed = audit_seed(self.settings.run_id, partner, partner_round, commitment.digest(), nonce)
         if is_sampled(seed, self.settings.rate):
             receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce)
-            blob = envelope(receipt, self.identity.sign(signing_bytes(receipt)))
-            self.background.spawn(self.membership.client.store(
-                self.keys["audits"], blob, get_dht_time() + self.settings.record_ttl,
-                subkey=f"{partner}:{partner_round}"))
+            self._publish_receipt(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
             logger.info("round %d of %s drawn for audit", partner_round, partner[-8:])
         return True
 
+    def _publish_receipt(self, blob: bytes) -> None:
+        """Store our receipts entry under {run}.audits: our latest MAX_RECEIPTS receipts younger than the record
+        TTL, this one included. Built now, stored in the background: a later store carries a superset and a
+        later expiration, so whichever lands last is the newest."""
+        now = get_dht_time()
+        kept = [(at, old) for at, old in self._receipts if now - at < self.settings.record_ttl]
+        self._receipts = [*kept, (now, blob)][-MAX_RECEIPTS:]
+        self._receipts_expiration = max(now + self.settings.record_ttl, self._receipts_expiration + 0.01)
+        self.background.spawn(self.membership.client.store(
+            self.keys["audits"], [b for _, b in self._receipts], self._receipts_expiration, subkey=self.me))
+
     # ------------------------------------------------------------------ 3. serve and run audits
     async def _serve_audit(self, incoming: Incoming, request: AuditRequest) -> None:
-        """A request from its authenticated sender (StreamService counts, reports and closes)."""
+        """A request from its authenticated sender (StreamService counts, reports and closes). Only a member
+        (or reserve) of the committee of an audit drawn on that round gets the start state."""
         retained = self.retained.get(request.round)
         wire = self.settings.stream
         if request.run_id != wire.run_id or request.manifest_hash != wire.manifest_hash:
             reason = "manifest"
         elif self.stopping:
             reason = "shutting_down"
+        elif retained is None:
+            reason = "no_state"
         else:
-            reason = None if retained is not None else "no_state"
+            reason = await self._audit_refusal(incoming.peer, request.round)
         if reason is not None:
             await incoming.stream.send(ExchangeReject(reason=reason, round=request.round))
+            self.metrics.audit_uploads.labels(result="not_committee" if reason == "bad_request" else "refused").inc()
+            if reason == "bad_request":
+                logger.info("refused the start state of round %d to %s: not on the committee of an audit drawn "
+                            "on it", request.round, incoming.peer[-8:])
             return
         offer = AuditOffer(round=request.round, start_digest=retained.digest, tensors=tuple(retained.tensors),
                            numel=wire.numel, dtype="float32")
         await offer_tensors(incoming.stream, offer, retained.tensors, wire.chunk_bytes)
+        self.metrics.audit_uploads.labels(result="ok").inc()
         logger.info("served the start state of round %d to verifier %s", request.round, incoming.peer[-8:])
 
+    async def _audit_refusal(self, peer: str, round_: int) -> str | None:
+        """None if `peer` may fetch our start state of `round_`; else the reject reason: `bad_request` for a
+        peer on no committee of an audit drawn on that round, `busy` when the DHT did not answer."""
+        candidates = set(self.membership.live) - set(self.flagged) - {self.me}
+        if peer not in candidates:
+            return "bad_request"  # a verifier is a live peer (a new one: it asks again in a second)
+        try:
+            seeds = await self._drawn_audit_seeds(round_)
+        except DHTUnavailable:
+            return "busy"
+        return None if any(may_fetch_audit(seed, peer, candidates, self.me) for seed in seeds) else "bad_request"
+
+    async def _drawn_audit_seeds(self, round_: int) -> list[bytes]:
+        """The seeds of the audits drawn on our round `round_`: one per valid receipt for it under {run}.audits
+        (signed by its receiver, for the tensors we committed to, drawn by the lottery)."""
+        commitment = await self._commitment(self.me, round_)
+        if commitment is None:
+            return []
+        run_id, seeds = self.settings.run_id, []
+        entries = await self.membership.client.fetch(self.keys["audits"])
+        for receiver, entry in entries.items() if isinstance(entries, dict) else ():
+            blobs = getattr(entry, "value", None)
+            if not isinstance(receiver, str) or not isinstance(blobs, list):
+                continue
+            for blob in blobs[:MAX_RECEIPTS]:
+                try:
+                    receipt, signature = open_envelope(blob, Receipt)
+                except InvalidRecord:
+                    continue
+                if (receipt.sender != self.me or receipt.round != round_ or receipt.receiver != receiver
+                        or receipt.run_id != run_id or receipt.theta_digest != commitment.theta_digest
+                        or not ident.verify(receiver, signing_bytes(receipt), signature)):
+                    continue
+                seed = audit_seed(run_id, self.me, round_, commitment.digest(), receipt.nonce)
+                if is_sampled(seed, self.settings.rate):
+                    seeds.append(seed)
+        return seeds
+
     def _audit_upload_failed(self, incoming: Incoming, error: Exception) -> None:
+        self.metrics.audit_uploads.labels(result="failed").inc()
         if isinstance(error, ProtocolError):
             logger.warning("audit request from %s: protocol error: %s", incoming.peer[-8:], error)
         else:  # the verifier vanished or stalled
@@ -424,7 +499,8 @@ class Verification:
             request = AuditRequest(run_id=wire.run_id, manifest_hash=wire.manifest_hash, sender=self.me, round=round_)
             offer, received = await request_tensors(stream, request, AuditOffer,
                                                     lambda offer: self._check_offer(offer, round_),
-                                                    lambda reason: ReplayError(f"refused: {reason}"))
+                                                    lambda reason: ReplayError(f"refused: {reason}"),
+                                                    chunk_bytes=wire.chunk_bytes)
             return offer.start_digest, received
         finally:
             stream.close()
@@ -528,50 +604,57 @@ class Verification:
                         evidence)
 
     async def _discover(self) -> None:
-        """Read the sampled (peer, round) pairs and start tracking new ones."""
+        """Read the sampled (peer, round) pairs and start tracking new ones.
+
+        `{run}.audits` holds one entry per receiver (subkey: its peer id, signed by it, checked by the
+        DHT's record validator): the list of its recent receipts."""
         entries = await self.membership.client.fetch(self.keys["audits"])
         items = list(entries.items()) if isinstance(entries, dict) else []
         examined = 0
-        for subkey, entry in items:
-            if examined >= MAX_AUDITS_PER_POLL:
-                break  # the rest waits for the next pass
-            if not isinstance(subkey, str) or ":" not in subkey or subkey in self._ignored:
+        for receiver, entry in items:
+            blobs = getattr(entry, "value", None)
+            if not isinstance(receiver, str) or not isinstance(blobs, list):
                 continue
-            peer, _, round_text = subkey.rpartition(":")
-            if not round_text.isdigit() or (peer, int(round_text)) in self.audits:
-                continue
-            if peer == self.me:  # one of our rounds was drawn: keep its start state until the audit is over
-                self._own_audits.setdefault(int(round_text), time.monotonic())
-                continue
-            if peer in self.flagged:
-                continue
-            examined += 1
-            round_ = int(round_text)
-            try:
-                receipt, signature = open_envelope(entry.value, Receipt)
-            except InvalidRecord:
-                self._ignore(subkey)
-                continue
-            if (receipt.sender != peer or receipt.round != round_ or receipt.receiver == peer
-                    or receipt.run_id != self.settings.run_id
-                    or not ident.verify(receipt.receiver, signing_bytes(receipt), signature)):
-                self._ignore(subkey)
-                continue
-            commitment = await self._commitment(peer, round_)
-            if commitment is None or commitment.theta_digest != receipt.theta_digest:
-                continue  # not visible yet (tried again next poll) or a receipt for other tensors
-            seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.nonce)
-            if not is_sampled(seed, self.settings.rate):
-                self._ignore(subkey)  # a receipt published although the lottery said no: not an audit
-                continue
-            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
+            for blob in blobs[:MAX_RECEIPTS]:
+                if examined >= MAX_AUDITS_PER_POLL:
+                    return  # the rest waits for the next pass
+                marker = hashlib.blake2b(blob, digest_size=16).digest() if isinstance(blob, bytes) else None
+                if marker is None or marker in self._ignored:
+                    continue
+                try:
+                    receipt, signature = open_envelope(blob, Receipt)
+                except InvalidRecord:
+                    self._ignore(marker)
+                    continue
+                peer, round_ = receipt.sender, receipt.round
+                if (peer, round_) in self.audits:
+                    continue
+                if peer == self.me and receipt.receiver == receiver:
+                    # one of our rounds was drawn: keep its start state until the audit is over
+                    self._own_audits.setdefault(round_, time.monotonic())
+                    continue
+                if peer in self.flagged:
+                    continue
+                examined += 1
+                if (receipt.receiver != receiver or peer == receiver or receipt.run_id != self.settings.run_id
+                        or not ident.verify(receiver, signing_bytes(receipt), signature)):
+                    self._ignore(marker)
+                    continue
+                commitment = await self._commitment(peer, round_)
+                if commitment is None or commitment.theta_digest != receipt.theta_digest:
+                    continue  # not visible yet (tried again next poll) or a receipt for other tensors
+                seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.nonce)
+                if not is_sampled(seed, self.settings.rate):
+                    self._ignore(marker)  # a receipt published although the lottery said no: not an audit
+                    continue
+                self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
 
-    def _ignore(self, subkey: str) -> None:
-        """A bad or undrawn receipt: counted once, not re-read every pass."""
+    def _ignore(self, marker: bytes) -> None:
+        """A bad or undrawn receipt (by the digest of its bytes): counted once, not re-read every pass."""
         self.metrics.protocol_errors.labels(kind="record").inc()
         if len(self._ignored) > 10_000:
             self._ignored.clear()
-        self._ignored.add(subkey)
+        self._ignored.add(marker)
 
     def _decide(self, audit: Audit) -> str | None:
         """Conclude the audit if its votes decide it; returns the verdict (None: pending)."""

@@ -95,11 +95,11 @@ def test_manifest_hash_is_pinned():
     from protocol import manifest_hash
 
     assert manifest_hash(NodeConfig().manifest("data", 1)) == (
-        "8ea23cd3896a41ac65718b71de438364f5843a37b6c7e561977eec200675967d")
+        "b09879395215f702a6c663712bda881dbc4080071019f1c2630ed2787c003403")
     varied = NodeConfig(d_model=64, n_heads=2, verify="off", verify_rate=0.5, gamma=0.3, chunk_bytes=4096,
                         batch_size=3, lr=0.1)
     assert manifest_hash(varied.manifest("fp", 1)) == (
-        "d925de82d993516fcee9f7c11e8f83eb1952e914346488228b382bca85ec496f")
+        "2d858a3603cdd49eca9ec0cbaf8cd9a583c700193abaaf64bd00046cbe205b06")
 
 
 def test_model_config_comes_from_the_node_config_and_matches_the_manifest():
