@@ -66,7 +66,7 @@ class NodeConfig:
     alpha: float = 0.5
     beta: float = 0.7
     gamma: float = 0.7
-    overlap: str = "on"  # on: local outer step at once, the pair's correction lands later; off: wait for the pair
+    overlap: str = "off"  # on: local outer step at once, the pair's correction lands later; off: wait for the pair
     # --- gossip ---
     rounds: int = 0
     min_peers: int = 0

@@ -95,11 +95,11 @@ def test_manifest_hash_is_pinned():
     from protocol import manifest_hash
 
     assert manifest_hash(NodeConfig().manifest("data", 1)) == (
-        "b09879395215f702a6c663712bda881dbc4080071019f1c2630ed2787c003403")
+        "eeb15b4477ee7e6e64cc8b3b30cae78c53ada4652640da399dbf8eac5f1e225b")
     varied = NodeConfig(d_model=64, n_heads=2, verify="off", verify_rate=0.5, gamma=0.3, chunk_bytes=4096,
                         batch_size=3, lr=0.1)
     assert manifest_hash(varied.manifest("fp", 1)) == (
-        "2d858a3603cdd49eca9ec0cbaf8cd9a583c700193abaaf64bd00046cbe205b06")
+        "affa808e2b8b7d8208ffe5f3b3b434e3073b5aa73a28b093a2bc0ad25549ca38")
 
 
 def test_model_config_comes_from_the_node_config_and_matches_the_manifest():

@@ -174,8 +174,8 @@ def test_clock_after_a_late_exchange_is_the_sequential_clock():
 
 
 def test_overlap_setting_is_validated_and_in_the_manifest():
-    assert NodeConfig().overlap == "on"
-    assert NodeConfig(overlap="off").manifest("d", 1) != NodeConfig().manifest("d", 1)
+    assert NodeConfig().overlap == "off"  # until the known issues in README's settings table are fixed
+    assert NodeConfig(overlap="on").manifest("d", 1) != NodeConfig().manifest("d", 1)
     with pytest.raises(ConfigError, match="overlap"):
         NodeConfig(overlap="maybe").validate()
 
@@ -211,7 +211,7 @@ class AcceptingVerification:
 
 
 async def engine(tiny_config, corpus, verification: bool = False, **changes):
-    cfg = tiny_config(verify="off", **changes)
+    cfg = tiny_config(verify="off", **{"overlap": "on", **changes})
     trainer = Trainer(cfg, corpus, shard=0, sampler_seed=1)
     gossip = ScriptedGossip()
 
