@@ -30,6 +30,7 @@ from hivemind.utils import get_dht_time
 from protocol.records import Presence, entry_signing_bytes, pack_entry
 
 from node.net.identity import Identity
+from node.net.p2pd import start_p2p
 from node.net.signed_records import dht_key_id
 
 TEN_YEARS = 10 * 365 * 86400.0
@@ -125,19 +126,32 @@ class Adversary:
         await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
 
 
+STARTUP_TIMEOUT = 30.0  # p2pd and the DHT bootstrap of a test peer
+
+
 @contextlib.asynccontextmanager
-async def adversary(initial_peers: list[str], key_dir: Path) -> AsyncIterator[Adversary]:
-    """An Adversary joined to the swarm through `initial_peers`, shut down on exit."""
-    identity = Identity.generate()
-    key_path = key_dir / f"adversary-{identity.peer_id[-8:]}.key"
+async def dht_peer(initial_peers: list[str] | None, key_dir: Path,
+                   validator: RecordValidatorBase | None = None,
+                   identity: Identity | None = None) -> AsyncIterator[tuple[Identity, P2P, DHTNode]]:
+    """An in-process p2pd + DHTNode with its own identity (bounded start-up), shut down on exit."""
+    identity = identity or Identity.generate()
+    key_path = key_dir / f"peer-{identity.peer_id[-8:]}.key"
     identity.save(key_path)
-    p2p = await P2P.create(initial_peers=initial_peers, identity_path=str(key_path),
-                           host_maddrs=["/ip4/127.0.0.1/tcp/0"], check_if_identity_free=False)
+    p2p = await start_p2p(STARTUP_TIMEOUT, initial_peers=initial_peers, identity_path=str(key_path),
+                          host_maddrs=["/ip4/127.0.0.1/tcp/0"], check_if_identity_free=False)
     dht = None
     try:
-        dht = await DHTNode.create(p2p=p2p, initial_peers=initial_peers, cache_locally=False)
-        yield Adversary(p2p, dht, identity)
+        dht = await asyncio.wait_for(DHTNode.create(p2p=p2p, initial_peers=initial_peers, cache_locally=False,
+                                                    record_validator=validator), STARTUP_TIMEOUT)
+        yield identity, p2p, dht
     finally:
         if dht is not None:
-            await dht.shutdown()
-        await p2p.shutdown()
+            await asyncio.wait_for(dht.shutdown(), STARTUP_TIMEOUT)
+        await asyncio.wait_for(p2p.shutdown(), STARTUP_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def adversary(initial_peers: list[str], key_dir: Path) -> AsyncIterator[Adversary]:
+    """An Adversary joined to the swarm through `initial_peers` (no record validator), shut down on exit."""
+    async with dht_peer(initial_peers, key_dir) as (identity, p2p, dht):
+        yield Adversary(p2p, dht, identity)

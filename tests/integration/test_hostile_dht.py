@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from protocol.records import Presence
@@ -32,7 +30,7 @@ from node.net.dht import DHTClient
 from node.net.identity import Identity
 from node.net.signed_records import SignedRecordValidator
 from node.tools.swarm import LocalSwarm
-from tests.integration.adversary import adversary
+from tests.integration.adversary import adversary, dht_peer
 from tests.integration.conftest import TINY, poll, rounds_done
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the first test starts both swarms
@@ -50,21 +48,10 @@ FAKE_MANIFEST = "ee" * 32
 # ----------------------------------------------------------------------------- in-process: the DHT layer
 @contextlib.asynccontextmanager
 async def honest_dht(tmp: Path, initial_peers: list[str] | None = None):
+    """A validating DHT peer like a node's: (identity, DHT node, its multiaddrs)."""
     identity = Identity.generate()
-    key_path = tmp / f"{identity.peer_id[-8:]}.key"
-    identity.save(key_path)
-    p2p = await P2P.create(initial_peers=initial_peers, identity_path=str(key_path),
-                           host_maddrs=["/ip4/127.0.0.1/tcp/0"], check_if_identity_free=False)
-    dht = None
-    try:
-        dht = await DHTNode.create(p2p=p2p, initial_peers=initial_peers, cache_locally=False,
-                                   record_validator=SignedRecordValidator(identity))
-        maddrs = [f"{m}/p2p/{p2p.peer_id}" for m in await p2p.get_visible_maddrs()]
-        yield identity, dht, maddrs
-    finally:
-        if dht is not None:
-            await dht.shutdown()
-        await p2p.shutdown()
+    async with dht_peer(initial_peers, tmp, SignedRecordValidator(identity), identity) as (_, p2p, dht):
+        yield identity, dht, [f"{m}/p2p/{p2p.peer_id}" for m in await p2p.get_visible_maddrs()]
 
 
 async def test_raw_records_of_a_bare_dht_node_never_reach_a_validating_reader(tmp_path):
