@@ -31,7 +31,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +203,15 @@ def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarr
     if not comparison.ok:
         return Judgement(REJECT, comparison, "exceeds " + ",".join(comparison.failed))
     return Judgement(ACCEPT, comparison, "")
+
+
+def receipt_blobs(entries: Any) -> Iterator[tuple[str, Any]]:
+    """(receiver, envelope) for every receipt under {run}.audits: one entry per receiver, its recent receipts."""
+    for receiver, entry in entries.items() if isinstance(entries, dict) else ():
+        blobs = getattr(entry, "value", None)
+        if isinstance(receiver, str) and isinstance(blobs, list):
+            for blob in blobs[:MAX_RECEIPTS]:
+                yield receiver, blob
 
 
 @dataclass
@@ -454,24 +463,23 @@ class Verification:
         if commitment is None:
             return []
         run_id, seeds = self.settings.run_id, []
-        entries = await self.membership.client.fetch(self.keys["audits"])
-        for receiver, entry in entries.items() if isinstance(entries, dict) else ():
-            blobs = getattr(entry, "value", None)
-            if not isinstance(receiver, str) or not isinstance(blobs, list):
+        for receiver, blob in receipt_blobs(await self.membership.client.fetch(self.keys["audits"])):
+            try:
+                receipt, signature = open_envelope(blob, Receipt)
+            except InvalidRecord:
                 continue
-            for blob in blobs[:MAX_RECEIPTS]:
-                try:
-                    receipt, signature = open_envelope(blob, Receipt)
-                except InvalidRecord:
-                    continue
-                if (receipt.sender != self.me or receipt.round != round_ or receipt.receiver != receiver
-                        or receipt.run_id != run_id or receipt.theta_digest != commitment.theta_digest
-                        or not ident.verify(receiver, signing_bytes(receipt), signature)):
-                    continue
-                seed = audit_seed(run_id, self.me, round_, commitment.digest(), receipt.nonce)
-                if is_sampled(seed, self.settings.rate):
-                    seeds.append(seed)
+            if (receipt.sender != self.me or receipt.round != round_ or receipt.theta_digest != commitment.theta_digest
+                    or not self._signed_by_receiver(receipt, receiver, signature)):
+                continue
+            seed = audit_seed(run_id, self.me, round_, commitment.digest(), receipt.nonce)
+            if is_sampled(seed, self.settings.rate):
+                seeds.append(seed)
         return seeds
+
+    def _signed_by_receiver(self, receipt: Receipt, receiver: str, signature: bytes) -> bool:
+        """A receipt of this run, published under its receiver's own entry and signed by it."""
+        return (receipt.receiver == receiver and receipt.run_id == self.settings.run_id
+                and ident.verify(receiver, signing_bytes(receipt), signature))
 
     def _audit_upload_failed(self, incoming: Incoming, error: Exception) -> None:
         self.metrics.audit_uploads.labels(result="failed").inc()
@@ -608,46 +616,39 @@ class Verification:
 
         `{run}.audits` holds one entry per receiver (subkey: its peer id, signed by it, checked by the
         DHT's record validator): the list of its recent receipts."""
-        entries = await self.membership.client.fetch(self.keys["audits"])
-        items = list(entries.items()) if isinstance(entries, dict) else []
         examined = 0
-        for receiver, entry in items:
-            blobs = getattr(entry, "value", None)
-            if not isinstance(receiver, str) or not isinstance(blobs, list):
+        for receiver, blob in receipt_blobs(await self.membership.client.fetch(self.keys["audits"])):
+            if examined >= MAX_AUDITS_PER_POLL:
+                return  # the rest waits for the next pass
+            marker = hashlib.blake2b(blob, digest_size=16).digest() if isinstance(blob, bytes) else None
+            if marker is None or marker in self._ignored:
                 continue
-            for blob in blobs[:MAX_RECEIPTS]:
-                if examined >= MAX_AUDITS_PER_POLL:
-                    return  # the rest waits for the next pass
-                marker = hashlib.blake2b(blob, digest_size=16).digest() if isinstance(blob, bytes) else None
-                if marker is None or marker in self._ignored:
-                    continue
-                try:
-                    receipt, signature = open_envelope(blob, Receipt)
-                except InvalidRecord:
-                    self._ignore(marker)
-                    continue
-                peer, round_ = receipt.sender, receipt.round
-                if (peer, round_) in self.audits:
-                    continue
-                if peer == self.me and receipt.receiver == receiver:
-                    # one of our rounds was drawn: keep its start state until the audit is over
-                    self._own_audits.setdefault(round_, time.monotonic())
-                    continue
-                if peer in self.flagged:
-                    continue
-                examined += 1
-                if (receipt.receiver != receiver or peer == receiver or receipt.run_id != self.settings.run_id
-                        or not ident.verify(receiver, signing_bytes(receipt), signature)):
-                    self._ignore(marker)
-                    continue
-                commitment = await self._commitment(peer, round_)
-                if commitment is None or commitment.theta_digest != receipt.theta_digest:
-                    continue  # not visible yet (tried again next poll) or a receipt for other tensors
-                seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.nonce)
-                if not is_sampled(seed, self.settings.rate):
-                    self._ignore(marker)  # a receipt published although the lottery said no: not an audit
-                    continue
-                self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
+            try:
+                receipt, signature = open_envelope(blob, Receipt)
+            except InvalidRecord:
+                self._ignore(marker)
+                continue
+            peer, round_ = receipt.sender, receipt.round
+            if (peer, round_) in self.audits:
+                continue
+            if peer == self.me and receipt.receiver == receiver:
+                # one of our rounds was drawn: keep its start state until the audit is over
+                self._own_audits.setdefault(round_, time.monotonic())
+                continue
+            if peer in self.flagged:
+                continue
+            examined += 1
+            if peer == receiver or not self._signed_by_receiver(receipt, receiver, signature):
+                self._ignore(marker)
+                continue
+            commitment = await self._commitment(peer, round_)
+            if commitment is None or commitment.theta_digest != receipt.theta_digest:
+                continue  # not visible yet (tried again next poll) or a receipt for other tensors
+            seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.nonce)
+            if not is_sampled(seed, self.settings.rate):
+                self._ignore(marker)  # a receipt published although the lottery said no: not an audit
+                continue
+            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
 
     def _ignore(self, marker: bytes) -> None:
         """A bad or undrawn receipt (by the digest of its bytes): counted once, not re-read every pass."""
