@@ -1,8 +1,10 @@
 """Protocol messages over one bidirectional byte stream (a p2pd stream or plain TCP).
 
 Every read and every drain has a timeout: a frozen (SIGSTOPped) peer never errors by
-itself, only our clock ends the wait. Oversized frames are refused from the 4-byte
-header, before a single body byte is read.
+itself, only our clock ends the wait. The waits use `asyncio.timeout`, not `asyncio.wait_for`:
+on Python 3.11 wait_for swallows a cancellation that lands just as the awaited read or drain
+completes, and a transfer cancelled because the other direction failed would run on.
+Oversized frames are refused from the 4-byte header, before a single body byte is read.
 
 Two kinds of frames (protocol/SPEC.md §9):
  - control frames (requests, offers, accepts, acks, errors) are small: at most
@@ -94,6 +96,9 @@ class FrameStream:
         self._sending: TransferMeter | None = None
         self.last_received: TransferMeter | None = None  # the meters of the last transfer each way (kept after it)
         self.last_sent: TransferMeter | None = None
+        # the rest of a transfer frame whose writing was interrupted (its sender cancelled between pieces):
+        # written before any later frame, so the peer still reads a whole frame and then our ErrorMessage
+        self._unfinished: memoryview | None = None
 
     # ------------------------------------------------------------------ transfers
     @contextlib.contextmanager
@@ -133,7 +138,8 @@ class FrameStream:
         """A control read: all `count` bytes within one I/O timeout (or `timeout`)."""
         timeout = self.io_timeout if timeout is None else timeout
         try:
-            data = await asyncio.wait_for(self.reader.readexactly(count), timeout)
+            async with asyncio.timeout(timeout):
+                data = await self.reader.readexactly(count)
         except asyncio.IncompleteReadError as error:
             if at_boundary and not error.partial:
                 raise PeerGone("stream closed") from None
@@ -153,7 +159,8 @@ class FrameStream:
         while got < count:
             started = loop.time()
             try:
-                data = await asyncio.wait_for(self.reader.read(count - got), meter.timeout(self.io_timeout))
+                async with asyncio.timeout(meter.timeout(self.io_timeout)):
+                    data = await self.reader.read(count - got)
             except TimeoutError:
                 raise self._expired(meter, loop.time() - started, "received") from None
             except (ConnectionError, OSError) as error:
@@ -193,6 +200,7 @@ class FrameStream:
     # ------------------------------------------------------------------ writing
     async def send(self, message: Message) -> None:
         meter = self._sending
+        await self._finish_interrupted_frame()
         frame = encode_frame(encode_message(message), self.max_frame_bytes if meter else self.control_frame_bytes)
         if meter is None:
             try:
@@ -208,7 +216,8 @@ class FrameStream:
         """Write `data` and wait until the peer took it (TimeoutError after `timeout`; PeerGone if it is gone)."""
         try:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
         except TimeoutError:
             raise  # (an OSError too: not a vanished peer)
         except (ConnectionError, OSError) as error:
@@ -217,20 +226,41 @@ class FrameStream:
     async def _write_metered(self, frame: bytes, meter: TransferMeter) -> None:
         """A transfer's frame, in pieces: each wait for the peer to take one bounded by the meter."""
         loop = asyncio.get_running_loop()
+        whole = memoryview(frame)
         for start in range(0, len(frame), WRITE_PIECE):
             piece = frame[start:start + WRITE_PIECE] if len(frame) > WRITE_PIECE else frame
+            end = start + len(piece)
+            self._unfinished = whole[end:] if end < len(frame) else None  # `piece` is queued once _write starts
             started = loop.time()
             try:
                 await self._write(piece, meter.timeout(self.io_timeout))
             except TimeoutError:
+                self._unfinished = None  # the stream is given up: nothing more is owed on it
                 raise self._expired(meter, loop.time() - started, "sent") from None
+            except PeerGone:
+                self._unfinished = None
+                raise
             meter.record(loop.time() - started, len(piece))
             if meter.exhausted:
                 raise TransferTooSlow("sent", meter)
 
+    async def _finish_interrupted_frame(self) -> None:
+        """Write what is left of a frame interrupted mid-way (at most one frame, bounded by the I/O timeout)."""
+        rest, self._unfinished = self._unfinished, None
+        if rest:
+            try:
+                await self._write(bytes(rest), self.io_timeout)
+            except TimeoutError:
+                raise PeerTimeout(f"peer accepted no data for {self.io_timeout:.1f}s") from None
+            self.bytes_sent += len(rest)
+            self._on_sent(len(rest))
+
     async def send_error(self, error: ProtocolError) -> None:
-        """Best effort: tell the peer why we close (it may already be gone)."""
+        """Best effort: tell the peer why we close (it may already be gone). A frame of ours cut off
+        mid-way (a transfer cancelled because the other direction failed) is completed first, so the
+        peer can read the ErrorMessage instead of a truncated frame."""
         try:
+            await asyncio.wait_for(self._finish_interrupted_frame(), self.io_timeout)
             await asyncio.wait_for(self.send(ErrorMessage.from_exception(error)), 1.0)
         except Exception:  # noqa: BLE001 - the stream is being closed anyway
             pass

@@ -264,8 +264,9 @@ def test_a_swarm_with_one_node_per_host_trains_and_exchanges(tmp_path):
                 scrapes = [swarm.metrics(i) for i in range(3)]
                 return all(s and rounds_done(s) >= 1 for s in scrapes) and scrapes
 
-            scrapes = poll(scraped_after_a_round, timeout=180, what="every node's metrics after its first round")
-            assert all(s["gossiptrain_peers_live"] == 2 for s in scrapes), scrapes
+            poll(scraped_after_a_round, timeout=180, what="every node's metrics after its first round")
+            # (a live-peer count scraped at one moment may lag a presence under load: that every node
+            # found both others is asserted from the summaries below, over the whole run)
             codes = swarm.wait_finished(timeout=240)
             assert codes == [0, 0, 0], [n.log_tail() for n in swarm.nodes]
         finally:

@@ -279,6 +279,38 @@ async def test_a_peer_that_does_not_read_our_transfer_times_out_and_is_not_taken
         assert time.monotonic() - started < 10
 
 
+async def test_a_frame_cut_off_by_cancellation_is_completed_before_our_error():
+    """Full duplex: when the receive direction fails, the send task is cancelled between two pieces of a
+    frame; the ErrorMessage must still reach the peer as a frame of its own, not inside a truncated one."""
+    async with connected(io_timeout=5.0, rate=RateRule(min_rate=1e3, window=5.0)) as (stream, peer_reader, peer_writer):
+        chunk = TensorChunk(index=0, data=bytes(2 * 2**20 - 1024))  # many write pieces in one frame
+
+        async def send() -> None:
+            with stream.sending():
+                for _ in range(8):  # more than the socket buffers take: the send waits on the peer
+                    await stream.send(chunk)
+
+        sender = asyncio.ensure_future(send())
+        peer = FrameStream(peer_reader, peer_writer, max_frame_bytes=2**21, io_timeout=5.0)
+        with peer.receiving():
+            assert await peer.recv(TensorChunk) == chunk  # the peer reads a little, then the sender is cut
+        deadline = time.monotonic() + 5
+        while stream._unfinished is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)  # until the sender waits inside a frame
+        assert stream._unfinished is not None
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+        async def read_to_the_error() -> None:
+            with pytest.raises(RemoteError, match="field"), peer.receiving():
+                for _ in range(16):  # whole frames (the rest of the cut one included), then the error
+                    assert await peer.recv(TensorChunk) == chunk
+
+        reader = asyncio.ensure_future(read_to_the_error())  # the peer reads while we finish the frame
+        await stream.send_error(InvalidField("the partner sent garbage"))
+        await asyncio.wait_for(reader, 10)
+
+
 async def test_outside_a_transfer_only_control_frames_are_read_and_the_header_decides():
     async with connected(control=64 * KB) as (stream, _, peer_writer):
         peer_writer.write((1 * 2**20).to_bytes(4, "big"))  # a 1 MiB "request": refused from its 4-byte header
