@@ -8,6 +8,7 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
 from protocol import ProtocolError
+from protocol.records import RECORD_REFUSALS
 
 EXCHANGE_RESULTS = ("ok", "rejected", "timeout", "too_slow", "peer_gone", "protocol_error", "aborted", "no_partner")
 FAILED_RESULTS = ("timeout", "too_slow", "peer_gone", "protocol_error", "aborted")  # an accepted exchange that broke
@@ -63,6 +64,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streams_refused", Counter, "gossiptrain_streams_refused",
                "Incoming streams closed unread: the peer's or the node's cap of open streams was reached", ("reason",),
                zeros=("peer_limit", "total_limit")),
+    MetricSpec("incoming_streams", Counter, "gossiptrain_incoming_streams",
+               "Incoming protocol streams by protocol (kind) and how they ended: served (the request was answered), "
+               "protocol_error, timeout, peer_gone, remote_error (it sent an error instead of a request), "
+               "failed (any other error), busy (refused by a stream cap)",
+               ("kind", "result")),
+    MetricSpec("records_refused", Counter, "gossiptrain_records_refused",
+               "DHT records refused by this node's record validator (stores offered to it and records read), by reason",
+               ("reason",), zeros=RECORD_REFUSALS),
     MetricSpec("sync_wait_seconds", Histogram, "gossiptrain_sync_wait_seconds",
                "Time from round end to outer step (partner search + exchange)",
                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)),
@@ -143,6 +152,8 @@ class NodeMetrics:
     exchange_bytes_per_second: Gauge
     exchange_completion_ratio: Gauge
     streams_refused: Counter
+    incoming_streams: Counter
+    records_refused: Counter
     sync_wait_seconds: Histogram
     round_seconds: Histogram
     bytes_sent: Counter

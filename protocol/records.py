@@ -67,6 +67,7 @@ __all__ = [
     "MAX_RECEIPTS",
     "KindRules",
     "KIND_RULES",
+    "RECORD_REFUSALS",
     "RecordKey",
     "presence_key",
     "ready_key",
@@ -428,6 +429,10 @@ MAX_ENTRY_BYTES = 32 * 1024  # a whole signed entry as stored (envelope: key, va
 MAX_SIGNATURE_BYTES = 64  # Ed25519
 MAX_RECEIPTS = 16  # receipts one receiver keeps published (its most recent ones)
 MAX_VALUE_ITEMS = 1024  # entries of any list or map inside a value (a sketch has 128 numbers)
+# Why a DHT-level record validator refuses a record, in the order it checks (node/net/signed_records.py): the
+# reason labels of gossiptrain_records_refused_total, a fixed set (never text taken from the record itself).
+RECORD_REFUSALS = ("plain_value", "subkey", "expiration", "envelope", "key", "key_mismatch", "lifetime", "oversized",
+                   "signature", "schema")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""`gossiptrain bench exchange|state-sync|verify|wan`: pair-exchange throughput; how long a joiner takes to download
+"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz`: pair-exchange throughput; how long a joiner takes to download
 the state; whether replay verification tells honest peers from cheaters, and what it costs; a real swarm over an
-emulated WAN (root; its own flags, see `python -m node.bench.wan --help`)."""
+emulated WAN (root; its own flags, see `python -m node.bench.wan --help`); random and mutated frames and DHT records
+against a live node (node/bench/fuzz.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ EXCHANGE_NUMEL = 25_000_000
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("bench", help="benchmarks that print figures")
-    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan"],
+    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan", "fuzz"],
                         help="wan takes its own flags (--rate, --seconds, --row ...): python -m node.bench.wan --help")
     parser.add_argument(
         "--numel", type=int, nargs="+", default=None, metavar="N",
@@ -25,6 +26,13 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
                         help="verify: start states (trials) to test (default 12)")
     parser.add_argument("--tiny", action="store_true",
                         help="verify: a small model and an 8-step round, for a smoke run")
+    parser.add_argument("--count", type=int, default=None, metavar="N",
+                        help="fuzz: cases per stream handler and per DHT record kind (default 10000)")
+    parser.add_argument("--seed", type=int, default=None, help="fuzz: the seed every case is drawn from (default 13)")
+    parser.add_argument("--targets", default=None, metavar="A,B",
+                        help="fuzz: handlers and record kinds to fuzz (default all: exchange,state,audit,presence,"
+                             "ready,commitment,receipts,vote)")
+    parser.add_argument("--verbose", action="store_true", help="fuzz: one line per case")
     parser.set_defaults(handler=main, passthrough=True)  # wan: its own flags (node/bench/wan.py)
 
 
@@ -39,6 +47,27 @@ def main(args: argparse.Namespace) -> int:
         return wan.main(list(args.node_args))
     if args.node_args:
         print(f"bench {args.what}: unrecognized arguments: {' '.join(args.node_args)}", file=sys.stderr)
+        return 2
+    fuzz_flags = args.count is not None or args.seed is not None or args.targets is not None or args.verbose
+    if args.what == "fuzz":
+        from node.bench import fuzz
+
+        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3:
+            print("bench fuzz: --numel, --repeats, --trials and --tiny are not fuzz flags", file=sys.stderr)
+            return 2
+        count = fuzz.DEFAULT_COUNT if args.count is None else args.count
+        if count < 1:
+            print("bench fuzz: --count must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            targets = fuzz.parse_targets(args.targets)
+        except argparse.ArgumentTypeError as error:
+            print(f"bench fuzz: {error}", file=sys.stderr)
+            return 2
+        return fuzz.run_benchmark(count, fuzz.DEFAULT_SEED if args.seed is None else args.seed, targets,
+                                  verbose=args.verbose)
+    if fuzz_flags:
+        print(f"bench {args.what}: --count, --seed, --targets and --verbose are for bench fuzz", file=sys.stderr)
         return 2
     if args.what != "verify" and (args.trials is not None or args.tiny):
         print(f"bench {args.what}: --trials and --tiny are for bench verify", file=sys.stderr)

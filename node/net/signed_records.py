@@ -29,6 +29,7 @@ import math
 import struct
 from collections import Counter
 from collections.abc import Callable
+from typing import ClassVar
 
 import msgpack
 from hivemind.dht.node import DHTNode
@@ -39,6 +40,7 @@ from hivemind.utils import get_dht_time
 from protocol.records import (
     EXPIRATION_SLACK,
     KIND_RULES,
+    RECORD_REFUSALS,
     InvalidRecord,
     RecordKey,
     check_entry,
@@ -59,9 +61,27 @@ _UNSIGNED = msgpack.packb(None)  # what strip_value gives for bytes that are not
 MAX_REMEMBERED = 8192  # records known valid, and key names this node signs under
 
 
+class RecordRefused(InvalidRecord):
+    """A record the validator refuses, with `reason`: one of RECORD_REFUSALS (a metric label, never record text)."""
+
+    def __init__(self, reason: str, error: InvalidRecord | str) -> None:
+        super().__init__(str(error))
+        self.reason = reason
+
+
 def dht_key_id(key: str) -> bytes:
     """The DHT id hivemind stores `key` under (what a validator is given as DHTRecord.key)."""
     return DHTID.generate(source=key).to_bytes()
+
+
+def _refusing(reason: str, check: Callable, *args):
+    """check(*args); an InvalidRecord it raises becomes a RecordRefused with `reason`."""
+    try:
+        return check(*args)
+    except RecordRefused:
+        raise
+    except InvalidRecord as error:
+        raise RecordRefused(reason, error) from None
 
 
 def _subkey(raw: bytes) -> str:
@@ -75,14 +95,21 @@ def _subkey(raw: bytes) -> str:
 class SignedRecordValidator(RecordValidatorBase):
     """Accepts only owner-signed, schema-valid, bounded-lifetime dictionary entries; signs this node's own."""
 
-    def __init__(self, identity: ident.Identity | None = None, clock: Callable[[], float] = get_dht_time) -> None:
+    REASONS: ClassVar[tuple[str, ...]] = RECORD_REFUSALS
+
+    def __init__(self, identity: ident.Identity | None = None, clock: Callable[[], float] = get_dht_time,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self.identity = identity
+        # called with the reason (one of RECORD_REFUSALS) of every refusal: the node's metric
+        # (gossiptrain_records_refused_total{reason}); settable after construction (the metrics come later)
+        self.on_refused = on_refused
         self.peer_id = identity.peer_id if identity is not None else None
         self.clock = clock
         self._names: dict[bytes, str] = {}  # DHT id -> key text, for keys this node signs under
         self._valid: set[bytes] = set()  # digests of records that passed every check
         self._keys: dict[str, object] = {}  # peer id -> its Ed25519 public key (None: not one)
-        self.refused: Counter[str] = Counter()  # why records were refused (tests, debugging)
+        self.refused: Counter[str] = Counter()  # why records were refused (tests, debugging): first words of the error
+        self.refusals: Counter[str] = Counter()  # the same, by reason (RECORD_REFUSALS)
         self._own: set[bytes] = set()  # digests of the values this node's own stores produced
         self._warned: set[str] = set()
 
@@ -123,7 +150,13 @@ class SignedRecordValidator(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         try:
             self.check(record)
-        except InvalidRecord as error:
+        except RecordRefused as error:
+            self.refusals[error.reason] += 1
+            if self.on_refused is not None:
+                try:
+                    self.on_refused(error.reason)
+                except Exception:  # noqa: BLE001 - counting must never turn a refusal into a hivemind RPC error
+                    logger.exception("counting a refused DHT record failed")
             reason = str(error)
             self.refused[reason.split(":")[0][:60]] += 1
             own = hashlib.blake2b(record.value, digest_size=16).digest() in self._own
@@ -136,30 +169,31 @@ class SignedRecordValidator(RecordValidatorBase):
         return True
 
     def check(self, record: DHTRecord) -> RecordKey:
-        """The record's parsed key if it may be stored and used; InvalidRecord naming why not."""
+        """The record's parsed key if it may be stored and used; RecordRefused (an InvalidRecord) naming why not."""
         if record.subkey in PLAIN_VALUE_TAGS:
-            raise InvalidRecord("plain value: only signed dictionary entries are stored")
-        signer = _subkey(record.subkey)
+            raise RecordRefused("plain_value", "plain value: only signed dictionary entries are stored")
+        signer = _refusing("subkey", _subkey, record.subkey)
         expiration = record.expiration_time
         if isinstance(expiration, bool) or not isinstance(expiration, (int, float)) or not math.isfinite(expiration):
-            raise InvalidRecord("expiration: not a finite number")
-        key_text, value, signature = unpack_entry(record.value)
-        key = parse_key(key_text)
+            raise RecordRefused("expiration", "expiration: not a finite number")
+        key_text, value, signature = _refusing("envelope", unpack_entry, record.value)
+        key = _refusing("key", parse_key, key_text)
         if dht_key_id(key_text) != record.key:
-            raise InvalidRecord(f"key mismatch: the entry names {key_text[:80]!r}, stored under another key")
+            raise RecordRefused("key_mismatch", f"key mismatch: the entry names {key_text[:80]!r}, stored under "
+                                                "another key")
         rules = KIND_RULES[key.kind]
         if expiration > self.clock() + rules.ttl + EXPIRATION_SLACK:
-            raise InvalidRecord(f"expiration: {expiration - self.clock():.0f}s ahead, a {key.kind} lives at most "
-                                f"{rules.ttl:.0f}s")
+            raise RecordRefused("lifetime", f"expiration: {expiration - self.clock():.0f}s ahead, a {key.kind} lives "
+                                            f"at most {rules.ttl:.0f}s")
         if len(value) > rules.max_value_bytes:
-            raise InvalidRecord(f"oversized: a {key.kind} value is at most {rules.max_value_bytes} bytes")
+            raise RecordRefused("oversized", f"oversized: a {key.kind} value is at most {rules.max_value_bytes} bytes")
         digest = hashlib.blake2b(b"".join((struct.pack(">d", float(expiration)), record.key, record.subkey,
                                            record.value)), digest_size=20).digest()
         if digest in self._valid:
             return key
         if not self._verify(signer, entry_signing_bytes(key_text, signer, expiration, value), signature):
-            raise InvalidRecord(f"signature: not signed by the subkey's owner {signer[-8:]}")
-        check_entry(key, signer, decode_value(value, rules.max_value_bytes))
+            raise RecordRefused("signature", f"signature: not signed by the subkey's owner {signer[-8:]}")
+        _refusing("schema", lambda: check_entry(key, signer, decode_value(value, rules.max_value_bytes)))
         if len(self._valid) >= MAX_REMEMBERED:
             self._valid.clear()
         self._valid.add(digest)

@@ -16,13 +16,16 @@ Gossip exchanges (`gossiptrain/exchange/1`), state sync (`gossiptrain/state/1`) 
  - on the server, a ProtocolError is counted under protocol_errors{kind} and told to the peer
    in an ErrorMessage (unless the stream ended inside a frame: nobody is left to tell); every
    failure, that one or any other (PeerGone, PeerTimeout, RemoteError, ...), goes to the
-   protocol's own `failed` callback (its metrics, its log line), and the stream is always closed.
+   protocol's own `failed` callback (its metrics, its log line), and the stream is always closed;
+ - every incoming stream is counted once, under incoming_streams{kind, result}: served, protocol_error,
+   timeout, peer_gone, remote_error, failed or busy (refused by a cap).
 What a protocol does with a valid request stays in its own module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,10 +45,12 @@ from protocol import (
 
 from node.config import NodeConfig
 from node.net.limits import ConcurrencyLimiter, RateRule
-from node.net.streams import FrameStream
+from node.net.streams import FrameStream, RemoteError
 
 if TYPE_CHECKING:
     from node.metrics import NodeMetrics
+
+logger = logging.getLogger(__name__)
 
 # told to a stream refused by a cap, before its request is read: every protocol's requester takes an ExchangeReject
 _BUSY_FRAME = encode_frame(encode_message(ExchangeReject(reason="busy", round=0)))
@@ -159,6 +164,7 @@ class StreamService:
         refusal = limiter.admit(peer)
         if refusal is not None:  # over a cap: not a byte of it is read
             self.metrics.streams_refused.labels(reason=refusal).inc()
+            self.metrics.incoming_streams.labels(kind=self.kind, result="busy").inc()
             try:
                 writer.write(_BUSY_FRAME)  # best effort: the requester may take it as a refusal
                 writer.close()
@@ -173,18 +179,47 @@ class StreamService:
     async def _handle(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = self.settings.frame_stream(reader, writer, self.metrics, self.kind)
         incoming = Incoming(peer, stream)
+        result = "failed"
         try:
             request = await incoming.stream.recv(self.request_type)
             check_sender(request.sender, incoming.peer)
             await self.serve(incoming, request)
+            result = "served"
         except ProtocolError as error:
+            result = "protocol_error"
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
-            self.failed(incoming, error)
+            self._report(incoming, error)
             if not isinstance(error, TruncatedFrame):
                 await incoming.stream.send_error(error)
         except Exception as error:  # noqa: BLE001 - the peer vanished or stalled; the node carries on
-            self.failed(incoming, error)
+            result = stream_failure(error)
+            self._report(incoming, error)
         finally:
             incoming.stream.close()
+            self.metrics.incoming_streams.labels(kind=self.kind, result=result).inc()
             if self.closed is not None:
-                self.closed(incoming)
+                self._closed(incoming)
+
+    def _report(self, incoming: Incoming, error: Exception) -> None:
+        """The protocol's `failed` callback; a bug in it is logged, never let out of the stream handler."""
+        try:
+            self.failed(incoming, error)
+        except Exception:  # noqa: BLE001 - the node carries on; the stream is closed and counted anyway
+            logger.exception("%s: the failure callback raised", self.protocol)
+
+    def _closed(self, incoming: Incoming) -> None:
+        try:
+            self.closed(incoming)
+        except Exception:  # noqa: BLE001 - see _report
+            logger.exception("%s: the close callback raised", self.protocol)
+
+
+def stream_failure(error: BaseException) -> str:
+    """The incoming_streams result of a stream that failed other than by a ProtocolError."""
+    if isinstance(error, RemoteError):  # the peer sent an ErrorMessage where a request belongs
+        return "remote_error"
+    if isinstance(error, TimeoutError):  # PeerTimeout, TransferTooSlow
+        return "timeout"
+    if isinstance(error, (ConnectionError, OSError)):  # PeerGone, resets
+        return "peer_gone"
+    return "failed"

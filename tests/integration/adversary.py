@@ -29,9 +29,11 @@ from hivemind.utils import get_dht_time
 
 from protocol.records import Presence, entry_signing_bytes, pack_entry
 
+from node.bench.fuzz import STARTUP_TIMEOUT, dht_peer
 from node.net.identity import Identity
-from node.net.p2pd import start_p2p
 from node.net.signed_records import dht_key_id
+
+__all__ = ["STARTUP_TIMEOUT", "Adversary", "ForgingSigner", "adversary", "dht_peer"]  # dht_peer: node/bench/fuzz.py
 
 TEN_YEARS = 10 * 365 * 86400.0
 
@@ -124,30 +126,6 @@ class Adversary:
                 await self.store(f"{run_id}.peers", body, get_dht_time() + 60, subkey=victim, mode="forged")
         body = Presence(manifest, 2**63 - 1, None, ("/ip4/127.0.0.1/tcp/9",)).to_wire()
         await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
-
-
-STARTUP_TIMEOUT = 30.0  # p2pd and the DHT bootstrap of a test peer
-
-
-@contextlib.asynccontextmanager
-async def dht_peer(initial_peers: list[str] | None, key_dir: Path,
-                   validator: RecordValidatorBase | None = None,
-                   identity: Identity | None = None) -> AsyncIterator[tuple[Identity, P2P, DHTNode]]:
-    """An in-process p2pd + DHTNode with its own identity (bounded start-up), shut down on exit."""
-    identity = identity or Identity.generate()
-    key_path = key_dir / f"peer-{identity.peer_id[-8:]}.key"
-    identity.save(key_path)
-    p2p = await start_p2p(STARTUP_TIMEOUT, initial_peers=initial_peers, identity_path=str(key_path),
-                          host_maddrs=["/ip4/127.0.0.1/tcp/0"], check_if_identity_free=False)
-    dht = None
-    try:
-        dht = await asyncio.wait_for(DHTNode.create(p2p=p2p, initial_peers=initial_peers, cache_locally=False,
-                                                    record_validator=validator), STARTUP_TIMEOUT)
-        yield identity, p2p, dht
-    finally:
-        if dht is not None:
-            await asyncio.wait_for(dht.shutdown(), STARTUP_TIMEOUT)
-        await asyncio.wait_for(p2p.shutdown(), STARTUP_TIMEOUT)
 
 
 @contextlib.asynccontextmanager
