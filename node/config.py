@@ -78,6 +78,9 @@ class NodeConfig:
     presence_ttl: float = 6.0
     max_frame_bytes: int = 8 * 2**20
     chunk_bytes: int = 2 * 2**20
+    # the format of an exchange's tensors on the wire (protocol/codecs.py; part of the manifest):
+    # bfloat16 halves the bytes of float32 at a relative error of at most 2^-8 per value
+    wire_dtype: str = "float32"
     # a transfer (exchange, state upload/download, audit) lives while it moves at least this many bytes/s,
     # with io_timeout seconds of slack (node/net/limits.py): a 20 Mbit/s link (2.5 MB/s) passes ~10x over
     min_transfer_rate: float = 256.0 * 2**10
@@ -106,11 +109,15 @@ class NodeConfig:
 
     def validate(self) -> NodeConfig:
         """Raise ConfigError on values that cannot work; return self for chaining."""
+        from protocol.codecs import WIRE_DTYPES  # (numpy: not imported by the CLI before its stop handler)
+
         checks: list[tuple[bool, str]] = [
             (self.sync in ("noloco", "local"), f"sync must be 'noloco' or 'local', got {self.sync!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
             (self.overlap in ("on", "off"), f"overlap must be 'on' or 'off', got {self.overlap!r}"),
+            (self.wire_dtype in WIRE_DTYPES,
+             f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}"),
             (self.inner_steps >= 1, "inner_steps must be >= 1"),
             (self.rounds >= 0, "rounds must be >= 0 (0 runs until stopped)"),
             (self.min_peers >= 0 and self.min_peers_timeout >= 0, "min_peers and min_peers_timeout must be >= 0"),
@@ -162,7 +169,7 @@ class NodeConfig:
                       **self._values("lr", "weight_decay", "grad_clip", "warmup_steps", "lr_schedule_steps",
                                      "batch_size")},
             "outer": self._values("sync", "inner_steps", "alpha", "beta", "gamma", "overlap"),
-            "wire": self._values("chunk_bytes"),
+            "wire": self._values("chunk_bytes", "wire_dtype"),
             "verify": {"on": self.verify,
                        **self._values("rate", "max_hamming", "max_rel_l2", "max_norm_ratio", prefix="verify_")},
         }

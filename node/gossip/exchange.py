@@ -33,6 +33,7 @@ import numpy as np
 from hivemind.p2p import P2P
 
 from protocol import (
+    DTYPE_SIZES,
     ExchangeAccept,
     ExchangeReject,
     ExchangeRequest,
@@ -40,7 +41,9 @@ from protocol import (
     ProtocolError,
     TensorDtypeMismatch,
     TensorShapeMismatch,
+    TensorSpec,
     TruncatedFrame,
+    codecs,
 )
 
 from node.gossip.health import ExchangeHealth, ExchangeRecord, Penalties
@@ -49,7 +52,7 @@ from node.metrics import NodeMetrics
 from node.net.membership import Membership
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from node.net.streams import FrameStream, PeerTimeout, TransferTooSlow
-from node.net.tensor_stream import IN_FLIGHT_BYTES, ExchangeAborted, confirm, flat_spec, transfer_tensors
+from node.net.tensor_stream import IN_FLIGHT_BYTES, ExchangeAborted, confirm, transfer_tensors
 from node.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
@@ -139,13 +142,22 @@ class Gossip:
         self.stopping = True
         self._wakeup.set()
 
-    def _expected_specs(self) -> list:
-        return [flat_spec(name, self.settings.stream.numel) for name in self.settings.tensor_names]
+    def _expected_specs(self) -> list[TensorSpec]:
+        wire = self.settings.stream
+        return [TensorSpec(name, wire.wire_dtype, (wire.numel,)) for name in self.settings.tensor_names]
 
     @property
     def exchange_bytes(self) -> int:
-        """Tensor bytes each way of one exchange."""
-        return 4 * self.settings.stream.numel * len(self.settings.tensor_names)
+        """Tensor bytes each way of one exchange (in the run's wire dtype)."""
+        wire = self.settings.stream
+        return DTYPE_SIZES[wire.wire_dtype] * wire.numel * len(self.settings.tensor_names)
+
+    async def _decode(self, received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The partner's tensors, from the wire dtype back to float32 (exact; protocol/codecs.py)."""
+        dtype = self.settings.stream.wire_dtype
+        if dtype == "float32":
+            return received
+        return await asyncio.to_thread(lambda: {name: codecs.decode(array, dtype) for name, array in received.items()})
 
     def exchange_limit(self) -> float:
         """A bound no accepted exchange can outlive (each of its waits is bounded by progress): its bytes at
@@ -173,6 +185,9 @@ class Gossip:
             # nobody live can pair with this round (alone, or everyone is too far away): waiting is useless
             self.metrics.exchanges.labels(result="no_partner").inc()
             return SyncOutcome(None, None, time.monotonic() - started)
+        dtype = self.settings.stream.wire_dtype
+        if dtype != "float32":  # (what the trainer sent is already representable: this loses nothing)
+            outgoing = await asyncio.to_thread(lambda: {name: codecs.encode(a, dtype) for name, a in outgoing.items()})
         self._round, self._outgoing = round_, outgoing
         self._deadline = started + timeout
         self._paired = paired = asyncio.get_running_loop().create_future()
@@ -248,7 +263,7 @@ class Gossip:
                 await stream.send(ExchangeRequest(
                     run_id=wire.run_id, manifest_hash=wire.manifest_hash, round=round_,
                     sender=self.peer_id, tensors=self.settings.tensor_names, numel=wire.numel,
-                    dtype="float32",
+                    dtype=wire.wire_dtype,
                 ))
                 reply = await stream.recv((ExchangeAccept, ExchangeReject))
             if isinstance(reply, ExchangeReject) or self._paired.done() or self._in_exchange:
@@ -264,7 +279,7 @@ class Gossip:
             received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
             await confirm(stream)
             self._record_success(partner, stream, time.monotonic() - accepted)
-            return received, reply.round
+            return await self._decode(received), reply.round
         except ProtocolError as error:
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
             self._record_failure(partner, error, stream)
@@ -348,14 +363,15 @@ class Gossip:
         received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.stream.chunk_bytes)
         await confirm(stream)
         self._record_success(sender, stream, time.monotonic() - accepted)
+        received = await self._decode(received)
         if not paired.done():
             paired.set_result((sender, received, their_round))
 
     def _validate_request(self, request: ExchangeRequest) -> None:
         """A request for tensors this run does not have is malformed input, not a polite refusal."""
-        numel = self.settings.stream.numel
-        if request.dtype != "float32":
-            raise TensorDtypeMismatch(f"exchange dtype {request.dtype!r} is not float32")
+        numel, dtype = self.settings.stream.numel, self.settings.stream.wire_dtype
+        if request.dtype != dtype:
+            raise TensorDtypeMismatch(f"exchange dtype {request.dtype!r}, this run's wire dtype is {dtype}")
         if request.numel != numel:
             raise TensorShapeMismatch(f"exchange of {request.numel} parameters, this model has {numel}")
         if tuple(request.tensors) != self.settings.tensor_names:

@@ -69,13 +69,14 @@ class StreamSettings:
     min_transfer_rate: float = NodeConfig.min_transfer_rate
     max_streams_per_peer: int = NodeConfig.max_streams_per_peer
     max_streams: int = NodeConfig.max_streams
+    wire_dtype: str = NodeConfig.wire_dtype  # an exchange's tensors on the wire (protocol/codecs.py)
 
     @classmethod
     def from_config(cls, cfg: NodeConfig, manifest_hash: str, numel: int) -> StreamSettings:
         return cls(run_id=cfg.run_id, manifest_hash=manifest_hash, numel=numel, io_timeout=cfg.io_timeout,
                    max_frame_bytes=cfg.max_frame_bytes, chunk_bytes=cfg.chunk_bytes,
                    min_transfer_rate=cfg.min_transfer_rate, max_streams_per_peer=cfg.max_streams_per_peer,
-                   max_streams=cfg.max_streams)
+                   max_streams=cfg.max_streams, wire_dtype=cfg.wire_dtype)
 
     @property
     def rate(self) -> RateRule:

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from protocol import ExchangeAck, ExchangeReject, Message, TensorAssembler, TensorSpec, tensor_messages
+from protocol import NUMPY_DTYPES, ExchangeAck, ExchangeReject, Message, TensorAssembler, TensorSpec, tensor_messages
 
 from node.net.streams import FrameStream
 
@@ -43,11 +43,13 @@ def flat_spec(name: str, numel: int) -> TensorSpec:
     return TensorSpec(name=name, dtype="float32", shape=(numel,))
 
 
-async def send_tensors(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_bytes: int) -> None:
+async def send_tensors(stream: FrameStream, outgoing: dict[str, np.ndarray], chunk_bytes: int,
+                       dtype: str = "float32") -> None:
+    """`outgoing`: flat arrays already in `dtype` (its raw patterns for bfloat16, protocol/codecs.py)."""
     with stream.sending():
         for name, array in outgoing.items():
-            spec = flat_spec(name, array.size)
-            view = memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B")
+            spec = TensorSpec(name=name, dtype=dtype, shape=(array.size,))
+            view = memoryview(np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype])).cast("B")
             messages = tensor_messages(spec, view, chunk_bytes)
             # hashing and copying a chunk runs on a worker thread (hashlib releases the GIL):
             # the event loop keeps serving heartbeats and other peers meanwhile
@@ -86,7 +88,8 @@ async def transfer_tensors(
     not discovered only after the partner's whole tensor has arrived). Errors
     (ProtocolError, PeerGone, PeerTimeout, RemoteError) propagate; the caller closes the stream.
     """
-    sender = asyncio.ensure_future(send_tensors(stream, outgoing, chunk_bytes))
+    dtype = expected[0].dtype if expected else "float32"  # ours go as theirs come: an exchange is symmetric
+    sender = asyncio.ensure_future(send_tensors(stream, outgoing, chunk_bytes, dtype))
     receiver = asyncio.ensure_future(receive_tensors(stream, expected, chunk_bytes=chunk_bytes))
     try:
         await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_EXCEPTION)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
 
+from protocol import codecs
+
 from node.config import NodeConfig
 from node.train.data import Corpus, ShardSampler, heldout_batches
 from node.train.model import ModelConfig, build_model
@@ -145,6 +147,17 @@ class SlowState:
         return cls(arrays[0], arrays[1], global_step)
 
 
+
+def outgoing_tensors(slow: torch.Tensor, fast: torch.Tensor, theta_only: bool, wire_dtype: str) -> dict[str, np.ndarray]:
+    """The tensors a node with slow weights `slow` and fast weights `fast` sends its partner, as they arrive
+    (flat float32, CPU, rounded to `wire_dtype`): θ when γ = β, else φ and Δ. A verifier rebuilds them from
+    its replay the same way (node/verify/service.py)."""
+    if theta_only:
+        tensors = {"theta": fast}
+    else:
+        tensors = {"phi": slow, "delta_update": fast - slow}
+    return {name: codecs.round_trip(t.float().cpu().contiguous().numpy(), wire_dtype) for name, t in tensors.items()}
+
 class Trainer:
     """Owns the model, the optimizer and φ/δ. Its methods run on the trainer thread only (the node's
     single-worker executor); what the event loop gets are return values and `published`, an
@@ -261,13 +274,9 @@ class Trainer:
         return total / len(self.heldout)
 
     def outgoing_tensors(self) -> dict[str, np.ndarray]:
-        """What this node sends its partner: θ when γ = β, else φ and Δ (flat float32, CPU)."""
-        fast = self._fast_vector()
-        if self.hyper.theta_only:
-            tensors = {"theta": fast}
-        else:
-            tensors = {"phi": self.slow_weights, "delta_update": fast - self.slow_weights}
-        return {name: t.float().cpu().contiguous().numpy() for name, t in tensors.items()}
+        """What this node sends its partner: θ when γ = β, else φ and Δ (flat float32, CPU), as the partner
+        will hold them after the wire (rounded to the run's wire dtype): what is committed and audited."""
+        return outgoing_tensors(self.slow_weights, self._fast_vector(), self.hyper.theta_only, self.cfg.wire_dtype)
 
     def tensor_names(self) -> tuple[str, ...]:
         return ("theta",) if self.hyper.theta_only else ("phi", "delta_update")

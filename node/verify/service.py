@@ -79,7 +79,7 @@ from node.net.membership import Membership
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
 from node.net.tensor_stream import flat_spec, offer_tensors, request_tensors
 from node.tasks import BackgroundTasks
-from node.train.trainer import START_TENSORS, RoundStart, Trainer
+from node.train.trainer import START_TENSORS, RoundStart, Trainer, outgoing_tensors
 from node.verify.lsh import UpdateSigner
 from node.verify.replay import (
     Replayer,
@@ -159,10 +159,13 @@ def audit_signer(numel: int, seed: bytes) -> UpdateSigner:
 
 
 def make_commitment(run_id: str, peer: str, round_: int, start: RoundStart, outgoing: dict[str, np.ndarray],
-                    update: torch.Tensor, signer: UpdateSigner, inner_steps: int,
+                    update: torch.Tensor | None, signer: UpdateSigner, inner_steps: int,
                     ) -> tuple[Commitment, dict[str, np.ndarray]]:
-    """A round's commitment (unsigned) and the tensors its peer must serve to verifiers."""
+    """A round's commitment (unsigned) and the tensors its peer must serve to verifiers. `update`: the
+    update to sign; None (always, but for test-only fault injection): the update as sent, from `outgoing`."""
     tensors, data = describe_start(start)
+    if update is None:
+        update = sent_update({"phi": tensors["phi"], **{SENT_PREFIX + name: a for name, a in outgoing.items()}})
     commitment = Commitment(
         run_id=run_id, peer=peer, round=round_, start_digest=start_digest(tensors, data, start.global_step),
         theta_digest=sent_digest(outgoing), data=data, global_step=start.global_step, inner_steps=inner_steps,
@@ -171,16 +174,28 @@ def make_commitment(run_id: str, peer: str, round_: int, start: RoundStart, outg
     return commitment, {**tensors, **{SENT_PREFIX + name: array for name, array in outgoing.items()}}
 
 
+def replayed_as_sent(tensors: dict[str, np.ndarray], replayed: torch.Tensor, wire_dtype: str) -> torch.Tensor:
+    """The replayed update as the audited peer would have sent it: its outgoing tensors rebuilt from the
+    replay like the trainer builds them, through the run's wire dtype (a no-op for float32)."""
+    if wire_dtype == "float32":
+        return replayed
+    phi = torch.from_numpy(np.asarray(tensors["phi"], dtype=np.float32))
+    outgoing = outgoing_tensors(phi, phi + replayed, SENT_PREFIX + "theta" in tensors, wire_dtype)
+    return sent_update({"phi": tensors["phi"], **{SENT_PREFIX + name: a for name, a in outgoing.items()}})
+
+
 def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarray], replayer: Replayer,
-                run_signer: UpdateSigner, tolerances: Tolerances, inner_steps: int) -> Judgement:
+                run_signer: UpdateSigner, tolerances: Tolerances, inner_steps: int,
+                wire_dtype: str = "float32") -> Judgement:
     """A verifier's verdict on one audited round, from what the peer served (start state and sent tensors).
 
     1. The served start state must hash to the committed start digest, the served sent tensors
        to the committed sent digest (the one its partner checked on receipt).
     2. The committed LSH signature must describe the update actually sent (else the peer
        committed to one update and sent another).
-    3. The round is replayed on the committed data; the sent update and the replay are signed
-       with a projection drawn from the audit seed and compared against the tolerances.
+    3. The round is replayed on the committed data (and rounded to the wire dtype as the peer's
+       sent tensors were); the sent update and the replay are signed with a projection drawn from
+       the audit seed and compared against the tolerances.
     """
     sent = {name[len(SENT_PREFIX):]: array for name, array in tensors.items() if name.startswith(SENT_PREFIX)}
     if start_digest(tensors, commitment.data, commitment.global_step) != commitment.start_digest:
@@ -195,7 +210,7 @@ def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarr
         return Judgement(REJECT, committed, "committed signature does not describe the sent update")
     try:
         start = start_from_wire(tensors, commitment.data, commitment.global_step, replayer.numel)
-        replayed = replayer.replay(start, commitment.inner_steps).cpu()
+        replayed = replayed_as_sent(tensors, replayer.replay(start, commitment.inner_steps).cpu(), wire_dtype)
     except ReplayError as error:
         return Judgement(REJECT, None, f"cannot replay: {error}")
     signer = audit_signer(delta_sent.numel(), seed)
@@ -304,11 +319,9 @@ class Verification:
         start = self.trainer.round_start
         if start is None or not self.trainer.round_complete:
             return None  # resumed mid-round: the start state is gone, so the round cannot be audited
-        outgoing = self.trainer.outgoing_tensors()
-        delta = self.trainer.fast_weights() - self.trainer.slow_weights
+        outgoing = self.trainer.outgoing_tensors()  # as they arrive: the update signed is the one sent
         commitment, served = make_commitment(self.settings.run_id, self.me, round_, start, outgoing,
-                                             delta if committed_update is None else committed_update,
-                                             self.signer, self.settings.inner_steps)
+                                             committed_update, self.signer, self.settings.inner_steps)
         return Prepared(commitment, outgoing, served, time.perf_counter() - started)
 
     def _prune_retained(self) -> None:
@@ -518,7 +531,7 @@ class Verification:
         started = time.perf_counter()
         try:
             return judge_audit(commitment, seed, tensors, self.replayer, self.signer,
-                               self.settings.tolerances, self.settings.inner_steps)
+                               self.settings.tolerances, self.settings.inner_steps, self.settings.stream.wire_dtype)
         finally:
             seconds = time.perf_counter() - started
             self.metrics.replay_seconds.observe(seconds)

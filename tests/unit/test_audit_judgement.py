@@ -6,7 +6,7 @@ import torch
 
 from protocol.verification import ACCEPT, REJECT, Tolerances, audit_seed, compare
 
-from node.train.trainer import Trainer
+from node.train.trainer import Trainer, outgoing_tensors
 from node.verify.lsh import UpdateSigner
 from node.verify.replay import Replayer
 from node.verify.service import judge_audit, make_commitment
@@ -75,3 +75,28 @@ def test_null_space_of_the_public_projection_is_seen_by_the_audit_projection(set
     judgement = audit(setting, delta + hidden)
     assert judgement.verdict == REJECT and judgement.reason.startswith("exceeds")
     assert np.isfinite(judgement.comparison.rel_l2) and judgement.comparison.rel_l2 > 0.3
+
+
+# ----------------------------------------------------------------------------- a bfloat16 wire (protocol/codecs.py)
+def audit_bf16(setting, fast, judged_as="bfloat16"):
+    """A peer that sends `fast` in bfloat16 and commits to the update as sent, judged by a verifier."""
+    trainer, replayer, signer = setting
+    outgoing = outgoing_tensors(trainer.slow_weights, fast, True, "bfloat16")
+    commitment, served = make_commitment("run", "peer", 3, trainer.round_start, outgoing, None, signer, 4)
+    return judge_audit(commitment, SEED, served, replayer, signer, TOL, 4, judged_as)
+
+
+def test_an_honest_bfloat16_round_is_accepted_because_the_replay_is_rounded_like_the_wire(setting):
+    trainer = setting[0]
+    judgement = audit_bf16(setting, trainer.fast_weights())
+    assert judgement.verdict == ACCEPT and judgement.comparison.rel_l2 < 1e-6, judgement
+    # without rounding the replay, the wire's rounding error alone (2^-8 of each weight) is far larger than
+    # float32 replay noise: compared raw it is a sizeable part of the update
+    raw = audit_bf16(setting, trainer.fast_weights(), judged_as="float32")
+    assert raw.comparison.rel_l2 > 100 * max(judgement.comparison.rel_l2, 1e-9)
+
+
+def test_a_bfloat16_cheater_is_still_caught(setting):
+    trainer = setting[0]
+    judgement = audit_bf16(setting, trainer.slow_weights - honest(setting))
+    assert judgement.verdict == REJECT and judgement.reason.startswith("exceeds")

@@ -79,6 +79,7 @@ def test_manifest_changes_with_anything_that_must_match():
     base = NodeConfig().manifest("data", 1)
     assert NodeConfig(inner_steps=10).manifest("data", 1) != base
     assert NodeConfig(d_model=64).manifest("data", 1) != base
+    assert NodeConfig(wire_dtype="bfloat16").manifest("data", 1) != base  # partners must agree on the wire
     assert NodeConfig().manifest("other-data", 1) != base
     assert NodeConfig().manifest("data", 2) != base
     assert NodeConfig(sync_timeout=1.0, metrics_port=1).manifest("data", 1) == base  # local knobs do not matter
@@ -95,11 +96,11 @@ def test_manifest_hash_is_pinned():
     from protocol import manifest_hash
 
     assert manifest_hash(NodeConfig().manifest("data", 1)) == (
-        "eeb15b4477ee7e6e64cc8b3b30cae78c53ada4652640da399dbf8eac5f1e225b")
+        "e016d246d0fc86aaa65b18772ddc2d73731715bde51031560da69c7decb0da9b")
     varied = NodeConfig(d_model=64, n_heads=2, verify="off", verify_rate=0.5, gamma=0.3, chunk_bytes=4096,
                         batch_size=3, lr=0.1)
     assert manifest_hash(varied.manifest("fp", 1)) == (
-        "affa808e2b8b7d8208ffe5f3b3b434e3073b5aa73a28b093a2bc0ad25549ca38")
+        "dccdb3315e09fe36f0e50d88babf33ff0b13da9021a6b93b14f9fd81c23e27d7")
 
 
 def test_model_config_comes_from_the_node_config_and_matches_the_manifest():

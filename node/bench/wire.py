@@ -1,0 +1,107 @@
+"""`gossiptrain bench wire`: what a wire dtype costs in loss and saves in bytes, side by side in one run.
+
+In one process, without a network: N trainers of the real training code (its model, data shards, AdamW
+and NoLoCo outer step) run R rounds; each round the same seeded random perfect matching pairs them, and
+each pair swaps its outgoing tensors exactly as the node does (rounded to the wire dtype before the
+commitment, decoded by the partner: protocol/codecs.py). Everything but the wire dtype is identical
+between the runs (seeds, pairing, data order), so the held-out losses differ only by the wire's rounding.
+Reported per seed and wire dtype: mean held-out loss of the nodes' slow weights at the end, its ratio to
+float32's, bytes per exchange each way, and the transfer time of one exchange of the 19M-parameter model
+(`--d-model 512 --n-layers 6 --n-heads 8`) at 20 and 100 Mbit/s.
+
+    python -m node.bench.wire [--nodes 4] [--rounds 30] [--seeds 0 1 2] [--inner-steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from protocol import DTYPE_SIZES, codecs
+
+from node.config import NodeConfig
+from node.table import format_table
+from node.train.data import load_corpus
+from node.train.trainer import Trainer
+
+LINK_NUMEL = 19_210_240  # the 19M model of the WAN measurements (--d-model 512 --n-layers 6 --n-heads 8)
+LINKS_MBIT = (20, 100)
+
+
+def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus) -> float:
+    """Mean held-out loss of the nodes' slow weights after `rounds` paired rounds on `cfg.wire_dtype`."""
+    trainers = [Trainer(cfg, corpus, shard=i, sampler_seed=seed * 1000 + i) for i in range(nodes)]
+    pairing = random.Random(seed)
+    for _ in range(rounds):
+        for trainer in trainers:
+            trainer.run_round()
+        sent = [trainer.outgoing_tensors() for trainer in trainers]  # rounded to the wire dtype, as committed
+        order = list(range(nodes))
+        pairing.shuffle(order)
+        partner = {}
+        for a, b in zip(order[::2], order[1::2]):
+            partner[a], partner[b] = b, a
+        for i, trainer in enumerate(trainers):
+            j = partner.get(i)
+            # what arrives: the partner's tensors through encode/decode (exact for what it committed)
+            received = None if j is None else {
+                name: codecs.decode(codecs.encode(array, cfg.wire_dtype), cfg.wire_dtype) for name, array in sent[j].items()}
+            trainer.apply_outer_step(received)
+    return statistics.mean(trainer.evaluate() for trainer in trainers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gossiptrain bench wire", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--inner-steps", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=list(codecs.WIRE_DTYPES), choices=codecs.WIRE_DTYPES)
+    parser.add_argument("--tiny", action="store_true", help="a small model and 5 rounds of 4 steps: a smoke run")
+    args = parser.parse_args(argv)
+    if args.nodes < 2 or args.rounds < 1 or args.inner_steps < 1:
+        parser.error("need --nodes >= 2, --rounds >= 1, --inner-steps >= 1")
+    model = dict(d_model=32, n_layers=1, n_heads=2, context=32, batch_size=4) if args.tiny else {}
+    rounds, inner = (5, 4) if args.tiny else (args.rounds, args.inner_steps)
+    corpus = load_corpus()
+    print(f"{args.nodes} nodes, {rounds} rounds of {inner} inner steps, random perfect matching per round; "
+          f"seeds {args.seeds}", flush=True)
+    losses: dict[str, list[float]] = {dtype: [] for dtype in args.dtypes}
+    rows = []
+    for seed in args.seeds:
+        for dtype in args.dtypes:
+            cfg = NodeConfig(seed=seed, inner_steps=inner, wire_dtype=dtype, threads=1, **model).validate()
+            started = time.perf_counter()
+            loss = run(cfg, args.nodes, rounds, seed, corpus)
+            losses[dtype].append(loss)
+            base = losses["float32"][-1] if losses.get("float32") else None
+            rows.append({"seed": seed, "wire dtype": dtype, "eval loss": f"{loss:.4f}",
+                         "vs float32": f"{loss / base:.4f}" if base else "-",
+                         "seconds": f"{time.perf_counter() - started:.0f}"})
+            print(f"seed {seed} {dtype}: eval loss {loss:.4f}", flush=True)
+    print()
+    print(format_table(rows))
+    print()
+    base = statistics.mean(losses["float32"]) if losses.get("float32") else None
+    summary = []
+    for dtype, values in losses.items():
+        nbytes = LINK_NUMEL * DTYPE_SIZES[dtype]
+        mean = statistics.mean(values)
+        summary.append({"wire dtype": dtype, "mean eval loss": f"{mean:.4f}",
+                        "vs float32": f"{mean / base:.4f}" if base else "-",
+                        "bytes/exchange (19M model)": f"{nbytes / 1e6:.1f} MB",
+                        **{f"s at {rate} Mbit/s": f"{nbytes * 8 / (rate * 1e6):.1f}" for rate in LINKS_MBIT}})
+    print(format_table(summary))
+    if len(args.seeds) > 1 and base is not None:
+        spread = statistics.stdev(losses["float32"])
+        print(f"\nseed-to-seed spread of float32's loss (stdev): {spread:.4f}")
+    return 0 if all(np.isfinite(v).all() for v in losses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
