@@ -39,7 +39,7 @@ from node.metrics import NodeMetrics, counts_by_label
 from node.net.identity import Identity, IdentityError
 from node.net.membership import DHTUnavailable, Membership
 from node.net.p2pd import start_p2p
-from node.net.signed_records import SignedRecordValidator
+from node.net.signed_records import SignedRecordValidator, signing_validator
 from node.net.stream_service import StreamSettings
 from node.round import Progress, Rounds
 from node.tasks import BackgroundTasks
@@ -181,6 +181,8 @@ class Node:
             raise StartupError(str(error)) from error
 
         self.metrics = NodeMetrics()
+        if (validator := signing_validator(self.dht)) is not None:  # every refused DHT record is counted
+            validator.on_refused = lambda reason: self.metrics.records_refused.labels(reason=reason).inc()
         self.metrics.info.info({"version": __version__, "peer_id": self.peer_id, "run_id": cfg.run_id,
                                 "manifest": self.manifest_hash[:16], "sync": cfg.sync,
                                 "device": str(self.trainer.device)})
