@@ -36,6 +36,7 @@ from node.join.plan import StartMode
 from node.join.procedure import Joiner, JoinError
 from node.join.statesync import DonorState, StateServer
 from node.metrics import NodeMetrics, counts_by_label
+from node.net.healing import DHTHealer, ViewPeer
 from node.net.identity import Identity, IdentityError
 from node.net.membership import DHTUnavailable, Membership
 from node.net.p2pd import start_p2p
@@ -279,6 +280,7 @@ class Node:
             await self._join()
             if not self.stop_event.is_set():
                 self.background.spawn(self._heartbeat_loop())
+                self.background.spawn(self._healer().run())  # partition healing: lost DHT peers back
                 if self.verification is not None:
                     self.background.spawn(self.verification.run())
                 self._write_status("running")
@@ -378,6 +380,13 @@ class Node:
             "bytes_sent": int(sum(counts_by_label(m.bytes_sent, "kind").values())),
             "bytes_received": int(sum(counts_by_label(m.bytes_received, "kind").values())),
         })
+
+    def _healer(self) -> DHTHealer:
+        """Puts the peers the DHT routing table lost (an outage) back: the initial ones and those seen live."""
+        membership = self.membership
+        return DHTHealer(self.dht, self.p2p, self.peer_id, self.cfg.initial_peers,
+                         lambda: [ViewPeer(r.peer_id, r.maddrs) for r in membership.live.values()],
+                         lambda: membership.departed, self.metrics, on_heal=membership.republish)
 
     async def _heartbeat_loop(self) -> None:
         while True:

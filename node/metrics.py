@@ -53,6 +53,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("eval_loss", Gauge, "gossiptrain_eval_loss", "Held-out loss of the slow weights"),
     MetricSpec("round", Gauge, "gossiptrain_round", "Current outer round"),
     MetricSpec("peers_live", Gauge, "gossiptrain_peers_live", "Other live peers in the DHT presence view"),
+    MetricSpec("dht_routing_peers", Gauge, "gossiptrain_dht_routing_peers",
+               "Peers in the DHT routing table (node/net/healing.py puts lost ones back)"),
+    MetricSpec("dht_rebootstraps", Counter, "gossiptrain_dht_rebootstraps",
+               "DHT re-bootstraps after lost peers answered again (partition healing)"),
     MetricSpec("exchanges", Counter, "gossiptrain_exchanges", "Pair exchanges by result", ("result",),
                zeros=EXCHANGE_RESULTS),
     MetricSpec("exchange_seconds", Histogram, "gossiptrain_exchange_seconds", "Duration of successful pair exchanges",
@@ -147,6 +151,8 @@ class NodeMetrics:
     eval_loss: Gauge
     round: Gauge
     peers_live: Gauge
+    dht_routing_peers: Gauge
+    dht_rebootstraps: Counter
     exchanges: Counter
     exchange_seconds: Histogram
     exchange_bytes_per_second: Gauge

@@ -55,6 +55,7 @@ class PeerRecord:
     round: int  # UNKNOWN_ROUND if its record has none
     eval_loss: float | None
     expiration: float
+    maddrs: tuple[str, ...] = ()  # the addresses its presence announces (partition healing dials them)
 
 
 class Membership:
@@ -66,9 +67,11 @@ class Membership:
         self.presence_ttl = presence_ttl
         self.keys = {"peers": presence_key(run_id), "ready": ready_key(run_id)}
         self.live: dict[str, PeerRecord] = {}
+        self.departed: set[str] = set()  # peers whose latest presence says they left cleanly (last refresh)
         self.malformed_records = 0  # presence/ready records skipped as malformed (counted, debug-logged)
         self._ready_expiration = 0.0
         self._presence_expiration = 0.0
+        self._last_presence: tuple[int, float | None, list[str]] | None = None  # publish_presence's last arguments
         self.on_view_change: Callable[[set[str], set[str]], None] = lambda joined, left: None
         self.presence_extra: Callable[[], Report] = Report  # what `gossiptrain status` shows, besides round and loss
 
@@ -114,16 +117,26 @@ class Membership:
         await self.refresh_view()
 
     async def publish_presence(self, round_: int, eval_loss: float | None, addresses: list[str]) -> None:
+        self._last_presence = (round_, eval_loss, list(addresses))
         presence = Presence(manifest=self.manifest_hash, round=round_, eval_loss=eval_loss, maddrs=tuple(addresses),
                             report=self.presence_extra())
         # a DHT subkey is only replaced by a later expiration: keep ours increasing
         self._presence_expiration = max(get_dht_time() + self.presence_ttl, self._presence_expiration + 0.01)
         await self._store("peers", presence.to_wire(), self._presence_expiration, subkey=self.peer_id)
 
+    async def republish(self) -> None:
+        """Publish the last presence again (fresh expiration) and reload the view: partition healing calls this
+        when lost DHT peers answer again, so the swarm sees us, and we it, before the next heartbeat."""
+        if self._last_presence is None:
+            return
+        await self.publish_presence(*self._last_presence)
+        await self.refresh_view()
+
     async def withdraw(self) -> None:
         """Leave: replace our presence and ready records with 'left'/'done' ones, so peers drop us at
         their next view refresh instead of when the TTL runs out (and stop asking us to pair)."""
         self._presence_expiration += 1.0
+        self._last_presence = None  # nothing to re-publish once we left
         left = Presence.departure(self.manifest_hash)
         await asyncio.gather(
             self._store("peers", left.to_wire(), self._presence_expiration, subkey=self.peer_id),
@@ -142,15 +155,18 @@ class Membership:
             if expired:
                 self.on_view_change(set(), expired)
             return self.live
-        live = {}
+        live, departed = {}, set()
         for entry in entries:
             presence: Presence | None = self._parse(entry, Presence, now)
-            if presence is None or presence.manifest != self.manifest_hash or presence.left:
+            if presence is None or presence.manifest != self.manifest_hash:
+                continue
+            if presence.left:
+                departed.add(entry.subkey)
                 continue
             round_ = presence.round if presence.round is not None else UNKNOWN_ROUND
-            live[entry.subkey] = PeerRecord(entry.subkey, round_, presence.eval_loss, entry.expiration)
+            live[entry.subkey] = PeerRecord(entry.subkey, round_, presence.eval_loss, entry.expiration, presence.maddrs)
         joined, left = live.keys() - self.live.keys(), self.live.keys() - live.keys()
-        self.live = live
+        self.live, self.departed = live, departed
         if joined or left:
             self.on_view_change(set(joined), set(left))
         return live
