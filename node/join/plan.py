@@ -10,6 +10,8 @@ import random
 from collections.abc import Collection, Mapping
 from enum import Enum
 
+from node.gossip.pairing import supported_round
+
 
 class StartMode(str, Enum):
     RESUME = "resumed"  # from this node's own checkpoint
@@ -23,20 +25,27 @@ def plan_start(checkpoint_round: int | None, live_rounds: Collection[int], resum
     - A swarm that has not finished a round yet (no live peer past round 0) has nothing newer
       than the seeded initial weights every node builds itself: resume if we have a
       checkpoint, else start fresh. No download.
-    - Otherwise a checkpoint at most `resume_max_lag` rounds behind the most advanced live
-      peer is resumed (our own optimizer state and data position continue exactly); an
-      older one, or none, means downloading the swarm's current state from a donor.
+    - Otherwise a checkpoint at most `resume_max_lag` rounds behind the swarm's front is
+      resumed (our own optimizer state and data position continue exactly); an older one, or
+      none, means downloading the swarm's current state from a donor. The front is the median
+      of the live peers' rounds past 0, not the highest claim: each peer signs only its own
+      presence, and one claiming a round far ahead must not decide how everyone else starts.
     """
-    swarm_round = max(live_rounds, default=0)
-    if swarm_round <= 0:
+    if max(live_rounds, default=0) <= 0:
         return StartMode.RESUME if checkpoint_round is not None else StartMode.FRESH
+    swarm_round = supported_round(r for r in live_rounds if r > 0)
     if checkpoint_round is not None and swarm_round - checkpoint_round <= resume_max_lag:
         return StartMode.RESUME
     return StartMode.SYNC
 
 
 def donor_order(live: Mapping[str, int], max_staleness: int, rng: random.Random) -> list[str]:
-    """Donors to try, in order: peers near the front of the swarm first, each group shuffled.
+    """Donors to try, in order: peers near the swarm's front first, each group shuffled.
+
+    The front is the median of the donors' rounds (pairing.supported_round), not the highest
+    claim: a peer announcing a round far ahead of everyone (to be every joiner's first donor and
+    hand out weights of its choosing) is tried last, after every peer within `max_staleness`
+    rounds of the median.
 
     The shuffle (seeded by the joiner's own id) spreads simultaneous joiners over
     different donors; a donor already serving its maximum of uploads refuses as busy
@@ -46,8 +55,8 @@ def donor_order(live: Mapping[str, int], max_staleness: int, rng: random.Random)
     candidates = {peer: round_ for peer, round_ in live.items() if round_ > 0}
     if not candidates:
         return []
-    front = max(candidates.values())
-    near = sorted(peer for peer, round_ in candidates.items() if front - round_ <= max_staleness)
+    front = supported_round(candidates.values())
+    near = sorted(peer for peer, round_ in candidates.items() if abs(front - round_) <= max_staleness)
     far = sorted(peer for peer in candidates if peer not in near)
     rng.shuffle(near)
     rng.shuffle(far)

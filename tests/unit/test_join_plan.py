@@ -30,6 +30,15 @@ def test_donor_order_prefers_the_front_and_skips_round_zero():
     assert set(order[:2]) == {"a", "b"} and order[2:] == ["c"]
 
 
+def test_a_peer_claiming_a_round_far_ahead_is_nobodys_first_donor_and_does_not_force_a_sync():
+    live = {"honest1": 40, "honest2": 41, "honest3": 39, "liar": 90}
+    for seed in range(200):
+        order = donor_order(live, 8, random.Random(seed))
+        assert order[-1] == "liar" and set(order[:3]) == {"honest1", "honest2", "honest3"}
+    assert plan_start(36, live.values(), 8) is StartMode.RESUME  # 5 behind the median front, not 54 behind 90
+    assert plan_start(30, live.values(), 8) is StartMode.SYNC
+
+
 def test_simultaneous_joiners_spread_over_donors():
     live = {f"donor{i}": 30 for i in range(4)}
     firsts = Counter(donor_order(live, 8, random.Random(seed))[0] for seed in range(400))
