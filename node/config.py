@@ -80,7 +80,7 @@ class NodeConfig:
     chunk_bytes: int = 2 * 2**20
     # the format of an exchange's tensors on the wire (protocol/codecs.py; part of the manifest):
     # bfloat16 halves the bytes of float32 at a relative error of at most 2^-8 per value
-    wire_dtype: str = "float32"
+    wire_dtype: str = "bfloat16"
     # a transfer (exchange, state upload/download, audit) lives while it moves at least this many bytes/s,
     # with io_timeout seconds of slack (node/net/limits.py): a 20 Mbit/s link (2.5 MB/s) passes ~10x over
     min_transfer_rate: float = 256.0 * 2**10

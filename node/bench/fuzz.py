@@ -74,6 +74,7 @@ from protocol.records import (
     votes_key,
 )
 
+from node.config import NodeConfig
 from node.table import format_table
 
 if typing.TYPE_CHECKING:
@@ -224,7 +225,7 @@ def valid_request(target: str, node: Target, sender: str, rng: random.Random) ->
     round_ = rng.choice((0, 1, rng.randint(0, 50), 2**63 - 1))
     if target == "exchange":
         return ExchangeRequest(run_id=node.run_id, manifest_hash=node.manifest, round=round_, sender=sender,
-                               tensors=("theta",), numel=node.numel, dtype="float32")
+                               tensors=("theta",), numel=node.numel, dtype=NodeConfig.wire_dtype)  # the node's
     if target == "state":
         return StateRequest(run_id=node.run_id, manifest_hash=node.manifest, sender=sender)
     return AuditRequest(run_id=node.run_id, manifest_hash=node.manifest, sender=sender, round=round_)

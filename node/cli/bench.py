@@ -1,7 +1,7 @@
-"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz`: pair-exchange throughput; how long a joiner takes to download
+"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz|wire`: pair-exchange throughput; how long a joiner takes to download
 the state; whether replay verification tells honest peers from cheaters, and what it costs; a real swarm over an
 emulated WAN (root; its own flags, see `python -m node.bench.wan --help`); random and mutated frames and DHT records
-against a live node (node/bench/fuzz.py)."""
+against a live node (node/bench/fuzz.py); the loss and bytes of each wire dtype, side by side (node/bench/wire.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ EXCHANGE_NUMEL = 25_000_000
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("bench", help="benchmarks that print figures")
-    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan", "fuzz"],
-                        help="wan takes its own flags (--rate, --seconds, --row ...): python -m node.bench.wan --help")
+    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan", "fuzz", "wire"],
+                        help="wan and wire take their own flags: python -m node.bench.wan --help, "
+                             "python -m node.bench.wire --help")
     parser.add_argument(
         "--numel", type=int, nargs="+", default=None, metavar="N",
         help="exchange: fp32 parameters per side, one value (default 25M); state-sync: state sizes in parameters, "
@@ -37,6 +38,14 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.what == "wire":
+        from node.bench import wire
+
+        if args.numel is not None or args.trials is not None or args.repeats != 3 or args.count is not None:
+            print("bench wire: --numel, --repeats, --trials and --count are not wire flags "
+                  "(python -m node.bench.wire --help)", file=sys.stderr)
+            return 2
+        return wire.main(list(args.node_args) + (["--tiny"] if args.tiny else []))
     if args.what == "wan":
         from node.bench import wan
 

@@ -23,6 +23,7 @@ from protocol import (
     tensor_messages,
 )
 
+from node.config import NodeConfig
 from node.gossip.exchange import EXCHANGE_PROTOCOL
 from node.net.dht import DHTClient
 from node.net.identity import Identity
@@ -98,7 +99,7 @@ class HostileClient:
             await asyncio.sleep(0.3)
         pytest.fail("node never accepted a pairing request")
 
-    def request(self, round_: int, numel: int, dtype: str = "float32") -> ExchangeRequest:
+    def request(self, round_: int, numel: int, dtype: str = NodeConfig.wire_dtype) -> ExchangeRequest:
         return ExchangeRequest(run_id=RUN, manifest_hash=self.manifest, round=round_, sender=self.peer_id,
                                tensors=("theta",), numel=numel, dtype=dtype)
 
@@ -170,17 +171,17 @@ async def test_node_refuses_wrong_shape_dtype_and_nan_tensors(lone_node, tmp_pat
         assert wrong_dtype.kind == "dtype"
 
         stream = await client.accepted_stream(numel)  # a real pairing, then a poisoned tensor
-        poisoned = np.zeros(numel, dtype="<f4")
-        poisoned[::1000] = np.nan
+        poisoned = np.zeros(numel, dtype="<u2")  # the run's wire dtype, bfloat16: raw 16-bit patterns
+        poisoned[::1000] = 0x7FC0  # a bfloat16 NaN
         # in the run's chunk size (the default 2 MiB): chunks of another size are refused from the header
-        for message in tensor_messages(TensorSpec("theta", "float32", (numel,)), poisoned.tobytes(), 2 * 2**20):
+        for message in tensor_messages(TensorSpec("theta", "bfloat16", (numel,)), poisoned.tobytes(), 2 * 2**20):
             await stream.send(message)
         kind = await read_until_error(stream)
         stream.close()
         assert kind == "non_finite"
 
         stream = await client.accepted_stream(numel)
-        for message in tensor_messages(TensorSpec("theta", "float32", (numel - 1,)), bytes(4 * (numel - 1))):
+        for message in tensor_messages(TensorSpec("theta", "bfloat16", (numel - 1,)), bytes(2 * (numel - 1))):
             await stream.send(message)
             break  # the header alone is refused
         assert await read_until_error(stream) == "shape"

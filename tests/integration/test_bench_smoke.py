@@ -59,3 +59,14 @@ def test_bench_verify_prints_its_tables():
         assert row(label)[:3] == ["6/6", ">60.7%", "2/2"], result.stdout
     assert {"hamming fraction", "sketch rel-L2"} <= {line.split("  ")[0] for line in lines}, result.stdout
     assert row("200,000"), result.stdout
+
+
+def test_bench_wire_prints_both_dtypes_side_by_side():
+    result = subprocess.run([sys.executable, "-m", "node", "bench", "wire", "--tiny", "--seeds", "0"],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if line.split()[:1] in (["float32"], ["bfloat16"]) and "MB" in line}
+    assert set(rows) == {"float32", "bfloat16"}, result.stdout
+    assert rows["float32"][2] == "1.0000" and float(rows["bfloat16"][2]) > 0, result.stdout  # the ratio to float32
+    assert float(rows["bfloat16"][3]) * 2 == float(rows["float32"][3]), result.stdout  # MB per exchange: half

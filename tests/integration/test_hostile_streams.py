@@ -29,6 +29,7 @@ from protocol import (
     tensor_messages,
 )
 
+from node.config import NodeConfig
 from node.gossip.exchange import EXCHANGE_PROTOCOL
 from node.join.statesync import STATE_PROTOCOL
 from node.net.streams import FrameStream, PeerGone
@@ -36,6 +37,8 @@ from node.tools.procs import p2pd_children
 from node.tools.swarm import LocalSwarm
 from node.verify.service import AUDIT_PROTOCOL
 from tests.integration.conftest import TINY, poll, rounds_done
+
+WIRE_DTYPE = NodeConfig.wire_dtype  # the nodes run the default wire dtype
 
 pytestmark = pytest.mark.integration
 
@@ -103,12 +106,12 @@ class Attacker:
         try:
             await stream.send(ExchangeRequest(run_id=RUN, manifest_hash=self.manifest, round=await self.node_round(),
                                               sender=self.peer_id, tensors=("theta",), numel=self.numel,
-                                              dtype="float32"))
+                                              dtype=WIRE_DTYPE))
             reply = await stream.recv((ExchangeAccept, ExchangeReject))
             if isinstance(reply, ExchangeReject):
                 return None
             accepted = time.monotonic()
-            spec = TensorSpec("theta", "float32", (self.numel,))
+            spec = TensorSpec("theta", WIRE_DTYPE, (self.numel,))
             messages = tensor_messages(spec, bytes(spec.nbytes), 1 if one_byte_chunks else CHUNK_BYTES)
             frames = b"".join(encode_frame(encode_message(next(messages)), 2**24) for _ in range(2))
             trickler = asyncio.ensure_future(self._trickle(stream.writer, frames))

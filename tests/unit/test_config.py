@@ -79,7 +79,7 @@ def test_manifest_changes_with_anything_that_must_match():
     base = NodeConfig().manifest("data", 1)
     assert NodeConfig(inner_steps=10).manifest("data", 1) != base
     assert NodeConfig(d_model=64).manifest("data", 1) != base
-    assert NodeConfig(wire_dtype="bfloat16").manifest("data", 1) != base  # partners must agree on the wire
+    assert NodeConfig(wire_dtype="float32").manifest("data", 1) != base  # partners must agree on the wire
     assert NodeConfig().manifest("other-data", 1) != base
     assert NodeConfig().manifest("data", 2) != base
     assert NodeConfig(sync_timeout=1.0, metrics_port=1).manifest("data", 1) == base  # local knobs do not matter
@@ -96,11 +96,11 @@ def test_manifest_hash_is_pinned():
     from protocol import manifest_hash
 
     assert manifest_hash(NodeConfig().manifest("data", 1)) == (
-        "e016d246d0fc86aaa65b18772ddc2d73731715bde51031560da69c7decb0da9b")
+        "7a282a76c38795bdfd43a2dcf231fbd7afa8c7d54b632d1fe141d376fc4d499c")
     varied = NodeConfig(d_model=64, n_heads=2, verify="off", verify_rate=0.5, gamma=0.3, chunk_bytes=4096,
                         batch_size=3, lr=0.1)
     assert manifest_hash(varied.manifest("fp", 1)) == (
-        "dccdb3315e09fe36f0e50d88babf33ff0b13da9021a6b93b14f9fd81c23e27d7")
+        "ba6a5a11cd93c4284e7265d206664c9228d2d82c514a70865ea033e511d689b4")
 
 
 def test_model_config_comes_from_the_node_config_and_matches_the_manifest():

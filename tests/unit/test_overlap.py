@@ -211,7 +211,8 @@ class AcceptingVerification:
 
 
 async def engine(tiny_config, corpus, verification: bool = False, **changes):
-    cfg = tiny_config(verify="off", **{"overlap": "on", **changes})
+    # (float32 wire: the engine's exact equalities; with bfloat16 a correction uses the θ it sent, rounded)
+    cfg = tiny_config(verify="off", wire_dtype="float32", **{"overlap": "on", **changes})
     trainer = Trainer(cfg, corpus, shard=0, sampler_seed=1)
     gossip = ScriptedGossip()
 
@@ -346,7 +347,7 @@ async def test_overlap_off_and_sync_local_keep_the_sequential_engine(tiny_config
 
 
 def test_trainer_late_correction_equals_the_paired_outer_step(corpus, tiny_config):
-    cfg = tiny_config(inner_steps=3)
+    cfg = tiny_config(inner_steps=3, wire_dtype="float32")  # exact: the θ sent is the θ the paired step uses
     paired, eager = (Trainer(cfg, corpus, shard=0, sampler_seed=3) for _ in range(2))
     partner = np.random.default_rng(1).standard_normal(paired.numel).astype(np.float32)
     paired.run_round()

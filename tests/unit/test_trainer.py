@@ -11,8 +11,8 @@ from node.train.trainer import Trainer, lr_at
 
 @pytest.fixture(scope="module")
 def config(tiny_config):
-    """The tiny model with rounds of 3 inner steps (the step counts below assume 3)."""
-    return lambda **changes: tiny_config(**{"inner_steps": 3, **changes})
+    """The tiny model with rounds of 3 inner steps (the step counts below assume 3), on the float32 wire."""
+    return lambda **changes: tiny_config(**{"inner_steps": 3, "wire_dtype": "float32", **changes})  # θ sent = θ
 
 
 def test_round_then_paired_theta_outer_step(corpus, config):
@@ -166,3 +166,20 @@ def test_inner_steps_leave_the_slow_weights_alone(corpus, config):
         assert float(delta.norm()) > 1e-3
         trainer.apply_outer_step(None)
         trainer.evaluate()  # evaluating φ must not leave θ pointing at φ either
+
+
+def test_on_the_default_bfloat16_wire_the_node_sends_its_theta_rounded_and_steps_with_its_own(corpus, tiny_config):
+    from protocol import codecs
+
+    trainer = Trainer(tiny_config(inner_steps=3), corpus, shard=0, sampler_seed=1)
+    assert trainer.cfg.wire_dtype == "bfloat16"
+    phi0 = trainer.slow_weights.clone()
+    trainer.run_round()
+    theta = trainer.fast_weights()
+    sent = trainer.outgoing_tensors()["theta"]
+    assert np.array_equal(sent, codecs.round_trip(theta.numpy(), "bfloat16"))  # what the partner will hold
+    assert not np.array_equal(sent, theta.numpy())
+    partner = codecs.round_trip(np.random.default_rng(0).standard_normal(trainer.numel).astype(np.float32), "bfloat16")
+    trainer.apply_outer_step({"theta": partner})
+    want_phi, _ = outer_step_theta(phi0, theta, torch.zeros_like(phi0), torch.from_numpy(partner), OuterHyper())
+    torch.testing.assert_close(trainer.slow_weights, want_phi)  # its own θ unrounded
