@@ -45,7 +45,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("info", Info, "gossiptrain", "Node identity and build"),
     MetricSpec("inner_steps", Counter, "gossiptrain_inner_steps", "Inner optimizer steps taken"),
     MetricSpec("outer_rounds", Counter, "gossiptrain_outer_rounds", "Outer rounds completed", ("mode",),
-               zeros=("paired", "local")),
+               zeros=("paired", "local", "in_flight")),
     MetricSpec("tokens", Counter, "gossiptrain_tokens", "Training tokens processed"),
     MetricSpec("tokens_per_second", Gauge, "gossiptrain_tokens_per_second",
                "Training throughput of the last round's inner steps"),

@@ -157,16 +157,18 @@ class Rounds:
             # the clock moves when the exchange is applied, as if the pair had left with max(own, partner) + 1
             progress.round = clock_after_exchange(progress.round, result.partner_round, update.lag)
         self._catch_up_clock()
-        outgoing = None if in_flight else await self._commit()
-        if outgoing is not None:
-            self.exchange = Exchange(self.gossip.background.spawn(self._exchange(progress.round, outgoing)),
+        # the commitment is made here, from the round's state, but stored in the DHT in the background
+        prepared = None if in_flight else await self._prepare_commit()
+        if prepared is not None:
+            self.exchange = Exchange(self.gossip.background.spawn(self._exchange(progress.round, prepared)),
                                      self._steps)
-        waited = time.monotonic() - boundary  # the commitment's DHT store: the only network wait left here
+        waited = time.monotonic() - boundary  # no network in it: the commitment made on the trainer thread
         self.metrics.sync_wait_seconds.observe(waited)
-        if partner is not None and self._flagged_since(partner):  # flagged while this boundary committed
-            partner, updates = None, []
-        distance, shift = await self.compute(self.trainer.apply_eager_outer_step, updates)
-        if outgoing is not None:
+        distance, shift, dropped = await self.compute(self._apply_eager, updates, partner)
+        if dropped:  # flagged while this boundary committed or waited for the trainer (e.g. behind a replay)
+            self._flagged_since(partner)
+            partner = None
+        if prepared is not None:
             self.exchange.shift = shift
         self._steps += 1
         mode = "paired" if partner else "in_flight" if in_flight else "local"
@@ -208,6 +210,16 @@ class Rounds:
                      result.seconds, lag)
         return (result, PartnerUpdate(result.sent, result.received, lag, exchange.shift)), False
 
+    def _apply_eager(self, updates: list[PartnerUpdate], partner: str | None) -> tuple[Any, Any, bool]:
+        """On the trainer thread: the eager outer step, without the partner's correction if that partner has
+        been flagged by now (the last moment to check). Returns (distance, shift, whether it was dropped)."""
+        verification = self.verification
+        # membership reads only (atomic): the flags are written on the event loop
+        dropped = partner is not None and verification is not None and (
+            partner in verification.flagged or partner in verification.distrusted)
+        distance, shift = self.trainer.apply_eager_outer_step([] if dropped else updates)
+        return distance, shift, dropped
+
     def _flagged_since(self, partner: str) -> bool:
         """Whether an update accepted in the background came from a peer flagged since: it is not applied."""
         if self.verification is None or partner not in self.verification.excluded():
@@ -216,9 +228,12 @@ class Rounds:
         logger.warning("dropped the late update of %s, flagged since the exchange", partner[-8:])
         return True
 
-    async def _exchange(self, round_: int, outgoing: dict[str, Any]) -> ExchangeResult:
-        """Pair and swap in the background (`overlap on`), and check the partner's update like the sequential
-        engine does; nothing here touches the trainer."""
+    async def _exchange(self, round_: int, prepared: Any) -> ExchangeResult:
+        """Store the commitment, pair and swap in the background (`overlap on`), and check the partner's update
+        like the sequential engine does; nothing here touches the trainer."""
+        outgoing = prepared if self.verification is None else await self.verification.publish(prepared)
+        if outgoing is None:  # the commitment was not stored: this round is not paired
+            return ExchangeResult(None, None, {}, None, 0.0)
         outcome = await self.gossip.sync_round(round_, outgoing, self.cfg.sync_timeout)
         partner, tensors = outcome.partner, outcome.tensors
         if partner is not None and self.verification is not None and not await self.verification.accept_update(
@@ -238,14 +253,25 @@ class Rounds:
         return progress.round
 
     async def _commit(self) -> dict[str, Any] | None:
-        """This round's commitment (verification on); returns the tensors to send, None: not paired."""
-        committed_update = None  # test-only fault injection may commit to another update than it sends
-        if self.fault is not None:
-            committed_update = await self.compute(cheat, self.trainer, self.fault, self._fault_generator,
-                                                  self.progress.round)
+        """This round's commitment (verification on), stored; returns the tensors to send, None: not paired."""
+        committed_update = await self._cheat()
         if self.verification is not None:
             return await self.verification.commit(self.progress.round, committed_update)
         return await self.compute(self.trainer.outgoing_tensors)
+
+    async def _prepare_commit(self) -> Any | None:
+        """`overlap on`: this round's commitment made but not stored yet (verification.publish stores it), or,
+        verification off, the tensors to send. None: not paired."""
+        committed_update = await self._cheat()
+        if self.verification is not None:
+            return await self.verification.prepare(self.progress.round, committed_update)
+        return await self.compute(self.trainer.outgoing_tensors)
+
+    async def _cheat(self) -> Any | None:
+        """Test-only fault injection: may commit to another update than it sends (None: the one sent)."""
+        if self.fault is None:
+            return None
+        return await self.compute(cheat, self.trainer, self.fault, self._fault_generator, self.progress.round)
 
     def _record_partner(self, partner: str | None, distance: float | None) -> None:
         if distance is not None:

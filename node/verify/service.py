@@ -344,24 +344,35 @@ class Verification:
         """Publish this round's signed commitment; returns the tensors to send (None: do not pair this round).
 
         committed_update: test-only fault injection ("+hide"): the update to sign instead of the one sent."""
+        prepared = await self.prepare(round_, committed_update)
+        return None if prepared is None else await self.publish(prepared)
+
+    async def prepare(self, round_: int, committed_update: torch.Tensor | None = None) -> Prepared | None:
+        """The first half of `commit`, no network: the commitment, made on the trainer thread from the round's
+        state (so before the outer step moves it), and the start state kept for audits. None: not committed."""
         prepared = await self.compute(self._prepare, round_, committed_update)
         if prepared is None:
             self.metrics.commitments.labels(result="skipped").inc()
             logger.info("round %d was resumed mid-way: its start state is gone, so it is not committed "
                         "and not paired", round_)
             return None
-        commitment, outgoing = prepared.commitment, prepared.outgoing
-        self.retained[round_] = RetainedStart(prepared.served, commitment.start_digest, time.monotonic())
+        self.retained[round_] = RetainedStart(prepared.served, prepared.commitment.start_digest, time.monotonic())
         self._prune_retained()
         self.metrics.verify_compute_seconds.inc(prepared.seconds)
+        return prepared
+
+    async def publish(self, prepared: Prepared) -> dict[str, np.ndarray] | None:
+        """The second half of `commit`: sign and store the commitment in the DHT. Returns the tensors to send;
+        None if it was not stored (then the round is not paired). `overlap on` runs it in the background."""
+        commitment = prepared.commitment
         blob = envelope(commitment, self.identity.sign(signing_bytes(commitment)))
-        stored = await self.membership.client.store(self._commit_key(round_), blob,
+        stored = await self.membership.client.store(self._commit_key(commitment.round), blob,
                                                     get_dht_time() + self.settings.record_ttl, subkey=self.me)
         self.metrics.commitments.labels(result="ok" if stored else "failed").inc()
         if not stored:
-            logger.warning("commitment for round %d was not stored: this round is not paired", round_)
+            logger.warning("commitment for round %d was not stored: this round is not paired", commitment.round)
             return None
-        return outgoing
+        return prepared.outgoing
 
     # ------------------------------------------------------------------ 2. receive
     async def _commitment(self, peer: str, round_: int) -> Commitment | None:

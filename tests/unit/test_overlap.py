@@ -174,7 +174,7 @@ def test_clock_after_a_late_exchange_is_the_sequential_clock():
 
 
 def test_overlap_setting_is_validated_and_in_the_manifest():
-    assert NodeConfig().overlap == "off"  # until the known issues in README's settings table are fixed
+    assert NodeConfig().overlap == "off"  # the default, by measurement (README "Overlapped rounds")
     assert NodeConfig(overlap="on").manifest("d", 1) != NodeConfig().manifest("d", 1)
     with pytest.raises(ConfigError, match="overlap"):
         NodeConfig(overlap="maybe").validate()
@@ -195,13 +195,17 @@ class ScriptedGossip:
 
 
 class AcceptingVerification:
-    """Commits by returning the outgoing tensors, accepts every update; `flagged` peers are excluded."""
+    """Commits by returning the outgoing tensors (made at the boundary, stored in the background), accepts every
+    update but a flagged peer's; `flagged` peers are excluded."""
 
     def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.flagged = trainer, set()
+        self.trainer, self.flagged, self.distrusted = trainer, set(), set()
 
-    async def commit(self, round_: int, committed_update=None) -> dict:
-        return self.trainer.outgoing_tensors()
+    async def prepare(self, round_: int, committed_update=None) -> dict:
+        return {"outgoing": self.trainer.outgoing_tensors()}
+
+    async def publish(self, prepared: dict) -> dict:
+        return prepared["outgoing"]
 
     async def accept_update(self, partner: str, partner_round: int, tensors: dict) -> bool:
         return partner not in self.flagged
@@ -331,6 +335,56 @@ async def test_an_update_accepted_before_its_sender_was_flagged_does_not_land(ti
     refused = {s.labels["reason"]: s.value for m in rounds.metrics.updates_refused.collect() for s in m.samples
                if s.name.endswith("_total")}
     assert refused["flagged"] == 1
+
+
+async def test_an_update_whose_sender_is_flagged_during_the_boundary_does_not_land(tiny_config, corpus):
+    """The flag arrives after the boundary looked at the landed exchange (while it commits, or while the outer
+    step waits for the trainer thread behind an audit replay): checked again on the trainer thread."""
+    rounds, trainer, gossip = await engine(tiny_config, corpus, verification=True)
+    await boundary(rounds)
+    await settle_tasks()
+    gossip.calls[0][2].set_result(SyncOutcome("cheater", {"theta": np.zeros(trainer.numel, np.float32)}, 0.1, 0))
+    await settle_tasks()
+    prepare = rounds.verification.prepare
+
+    async def flagged_meanwhile(*args):
+        rounds.verification.flagged.add("cheater")
+        return await prepare(*args)
+
+    rounds.verification.prepare = flagged_meanwhile
+    phi, delta = trainer.slow_weights.clone(), trainer.outer_momentum.clone()
+    stats = await rounds.train()
+    theta = trainer.fast_weights()
+    result = await rounds.outer_step(stats)
+    assert result.partner is None and outer_rounds(rounds)["local"] == 2
+    torch.testing.assert_close(trainer.slow_weights, local_outer_step(phi, theta - phi, delta, trainer.hyper)[0])
+
+
+async def test_the_boundary_does_not_wait_for_the_commitment_store(tiny_config, corpus):
+    rounds, trainer, gossip = await engine(tiny_config, corpus, verification=True)
+    stored = asyncio.get_running_loop().create_future()
+    publish = rounds.verification.publish
+
+    async def slow_store(prepared):  # a frozen DHT neighbour
+        return await publish(prepared) if await stored else None
+
+    rounds.verification.publish = slow_store
+    await asyncio.wait_for(boundary(rounds), 30)  # the boundary is done while the store hangs
+    await settle_tasks()
+    assert gossip.calls == [] and not rounds.exchange.task.done()
+    stored.set_result(True)
+    await settle_tasks()
+    assert len(gossip.calls) == 1  # pairing starts once the commitment is stored
+
+    # a store that fails: that round is not paired, and the next boundary is a plain local step
+    gossip.calls[0][2].set_result(SyncOutcome(None, None, 0.1))
+    await settle_tasks()
+    stored = asyncio.get_running_loop().create_future()
+    stored.set_result(False)
+    await boundary(rounds)
+    await settle_tasks()
+    await boundary(rounds)
+    assert len(gossip.calls) == 1 and outer_rounds(rounds)["local"] == 3
 
 
 async def test_overlap_off_and_sync_local_keep_the_sequential_engine(tiny_config, corpus):
