@@ -19,8 +19,10 @@ remembered, is "lost". A lost peer is re-dialled at its last known addresses (p2
 bounded) and pinged through hivemind's DHTProtocol (bounded): a ping that is answered puts the
 peer back into our routing table and, on its side, us into its table (rpc_ping adds the sender).
 A ping that times out over a connection p2pd still holds went into a connection the outage killed
-(TCP retransmits into it at exponentially growing intervals): it is hung up (p2pd disconnect), so
-the next attempt dials afresh instead of waiting for that connection's next retransmission.
+(TCP retransmits into it at exponentially growing intervals): if the peer is out of our live view
+too (no presence for a TTL: an outage, not a peer slow under load, whose exchange streams must not
+be cut), it is hung up (p2pd disconnect), so the next attempt dials afresh instead of waiting for
+that connection's next retransmission.
 Once a lost peer answered, the node re-runs hivemind's bootstrap traversal (find_nearest_nodes of
 its own id, bounded) to find the rest of the swarm through it. Each lost peer is retried with
 exponential backoff (BACKOFF_BASE_S doubling up to BACKOFF_CAP_S: short enough that a peer is
@@ -281,13 +283,16 @@ class DHTHealer:
         room = MAX_IN_FLIGHT - len(self.in_flight())
         for peer in self.known.due(now, busy, limit=min(MAX_ATTEMPTS_PER_TICK, max(0, room))):
             self.known.tried(peer.peer_id, now)
-            task = asyncio.create_task(self._attempt(peer.peer_id, peer.maddrs, peer.attempts))
+            # hang up a connection only for a peer out of our view too (no presence for a TTL: an outage, not a
+            # slow peer whose ping timed out under load; its exchange streams must not be cut)
+            hang_up = peer.peer_id not in live
+            task = asyncio.create_task(self._attempt(peer.peer_id, peer.maddrs, peer.attempts, hang_up))
             self.attempts.setdefault(peer.peer_id, []).append(task)
 
-    async def _attempt(self, peer_id: str, maddrs: tuple[str, ...], attempt: int) -> None:
+    async def _attempt(self, peer_id: str, maddrs: tuple[str, ...], attempt: int, hang_up: bool) -> None:
         """Dial a lost peer at its last known addresses, then DHT-ping it (each bounded); never raises."""
         try:
-            await self.reach(peer_id, maddrs)
+            await self.reach(peer_id, maddrs, hang_up)
         except HealingError as error:
             log = logger.info if attempt == 1 else logger.debug
             log("lost DHT peer %s not reachable yet (attempt %d): %s", peer_id[-8:], attempt, error)
@@ -300,13 +305,13 @@ class DHTHealer:
         self.answered.add(peer_id)
         logger.debug("lost DHT peer %s answered a ping (attempt %d): back in the routing table", peer_id[-8:], attempt)
 
-    async def reach(self, peer_id: str, maddrs: Sequence[str]) -> None:
+    async def reach(self, peer_id: str, maddrs: Sequence[str], hang_up: bool = True) -> None:
         """p2pd connect (if we have addresses), then a DHT ping; HealingError if the peer did not answer.
 
         A ping that times out although p2pd holds a connection to the peer went into a connection that
         died under the outage (TCP retransmits into it at exponentially growing intervals, so it may only
-        come back tens of seconds after the network did): the attempt hangs it up, so that the next one
-        dials afresh."""
+        come back tens of seconds after the network did): with `hang_up` the attempt hangs it up, so that
+        the next one dials afresh."""
         try:
             peer = PeerID.from_base58(peer_id)
         except Exception as error:  # noqa: BLE001 - a malformed id is never reachable
@@ -323,6 +328,8 @@ class DHTHealer:
             async with asyncio.timeout(PING_TIMEOUT_S):
                 node_id = await self.dht.protocol.call_ping(peer)
         except TimeoutError:
+            if not hang_up:
+                raise HealingError(f"ping timed out after {PING_TIMEOUT_S:.0f}s") from None
             await self.hang_up(peer)
             raise HealingError(f"ping timed out after {PING_TIMEOUT_S:.0f}s (connection closed, to be dialled "
                                "afresh)") from None

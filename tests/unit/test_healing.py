@@ -239,3 +239,37 @@ def test_membership_republish_stores_the_last_presence_again_and_reloads_the_vie
     asyncio.run(membership.publish_presence(3, 1.5, ["/ip4/1.2.3.4/tcp/1"]))
     asyncio.run(membership.republish())
     assert calls[1:] == [("publish", 3, 1.5, ["/ip4/1.2.3.4/tcp/1"]), ("refresh",)]
+
+
+class SlowProtocol(FakeProtocol):
+    async def call_ping(self, peer: PeerID):
+        self.pinged.append(peer)
+        await asyncio.Event().wait()
+
+
+class RecordingClient(FakeClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung_up: list[PeerID] = []
+
+    async def disconnect(self, peer):
+        self.hung_up.append(peer)
+
+
+def test_a_timed_out_ping_hangs_up_only_a_peer_that_is_out_of_the_view_too(monkeypatch):
+    monkeypatch.setattr(healing, "PING_TIMEOUT_S", 0.1)
+    in_view, gone = PEERS[0].to_base58(), PEERS[1].to_base58()
+    protocol, client = SlowProtocol(table=set(), up=set()), RecordingClient()
+    clock = [0.0]
+    view = [ViewPeer(in_view, (maddr(in_view),))]
+    healer = DHTHealer(FakeDHT(protocol), SimpleNamespace(_client=client), ME, [maddr(gone)], lambda: view,
+                       lambda: set(), clock=lambda: clock[0])
+
+    async def scenario():
+        healer.tick()  # both out of the (empty) routing table: both pinged, both pings time out
+        await asyncio.wait_for(asyncio.gather(*healer.in_flight()), 5)
+        assert set(protocol.pinged) == {PEERS[0], PEERS[1]}
+        # the peer still in our view may just be slow under load: its connection (and exchange streams) stay
+        assert client.hung_up == [PEERS[1]]
+
+    asyncio.run(scenario())
