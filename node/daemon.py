@@ -333,6 +333,7 @@ class Node:
         return DonorState(round_, boundary.global_step, boundary.slow, boundary.momentum)
 
     def _on_view_change(self, joined: set[str], left: set[str]) -> None:
+        self.peers_seen.update(joined)  # every peer ever in the view, not only those a heartbeat happened to see
         self.metrics.peer_joins.inc(len(joined))
         self.metrics.peer_leaves.inc(len(left))
         if joined or left:

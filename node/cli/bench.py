@@ -1,7 +1,12 @@
-"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz|wire`: pair-exchange throughput; how long a joiner takes to download
-the state; whether replay verification tells honest peers from cheaters, and what it costs; a real swarm over an
-emulated WAN (root; its own flags, see `python -m node.bench.wan --help`); random and mutated frames and DHT records
-against a live node (node/bench/fuzz.py); the loss and bytes of each wire dtype, side by side (node/bench/wire.py)."""
+"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz|wire|partition`: benchmarks that print figures.
+
+- exchange: pair-exchange throughput; state-sync: how long a joiner takes to download the state;
+- verify: whether replay verification tells honest peers from cheaters, and what it costs;
+- wan: a real swarm over an emulated WAN (root; its own flags: python -m node.bench.wan --help);
+- fuzz: random and mutated frames and DHT records against a live node (node/bench/fuzz.py);
+- wire: the loss and bytes of each wire dtype, side by side (node/bench/wire.py);
+- partition: how soon a swarm cut apart by an emulated outage is one view again (root; node/bench/partition.py).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,9 @@ EXCHANGE_NUMEL = 25_000_000
 
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("bench", help="benchmarks that print figures")
-    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan", "fuzz", "wire"],
-                        help="wan and wire take their own flags: python -m node.bench.wan --help, "
-                             "python -m node.bench.wire --help")
+    parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan", "fuzz", "wire", "partition"],
+                        help="wan, wire and partition take their own flags: python -m node.bench.wan --help "
+                             "(and node.bench.wire, node.bench.partition)")
     parser.add_argument(
         "--numel", type=int, nargs="+", default=None, metavar="N",
         help="exchange: fp32 parameters per side, one value (default 25M); state-sync: state sizes in parameters, "
@@ -38,6 +43,14 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.what == "partition":
+        from node.bench import partition
+
+        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3 or args.count is not None:
+            print("bench partition: --numel, --repeats, --trials, --tiny and --count are not partition flags "
+                  "(python -m node.bench.partition --help)", file=sys.stderr)
+            return 2
+        return partition.main(list(args.node_args))
     if args.what == "wire":
         from node.bench import wire
 
