@@ -10,7 +10,7 @@ from tests.integration.conftest import TINY, poll
 
 pytestmark = pytest.mark.integration
 
-ROUNDS = 6
+ROUNDS = 200  # an upper bound: the test stops the swarm once audits have been voted on
 RUN_ARGS = TINY + ["--inner-steps", "10", "--rounds", str(ROUNDS), "--sync-timeout", "6", "--seed", "5",
                    "--verify-rate", "1.0", "--vote-timeout", "10", "--checkpoint-every", "0"]
 
@@ -21,6 +21,10 @@ def exchange_bytes(scrape: dict) -> tuple[float, int]:
             int(scrape.get('gossiptrain_exchanges_total{result="ok"}', 0)))
 
 
+def votes(scrape: dict | None, verdict: str) -> int:
+    return int((scrape or {}).get(f'gossiptrain_verifications_total{{verdict="{verdict}"}}', 0))
+
+
 @pytest.mark.parametrize("wire_dtype, bytes_per_value", [("bfloat16", 2)])
 def test_a_bfloat16_swarm_sends_half_the_bytes_and_flags_nobody(tmp_path, wire_dtype, bytes_per_value):
     swarm = LocalSwarm(3, tmp_path / "swarm", RUN_ARGS + ["--wire-dtype", wire_dtype])
@@ -28,22 +32,21 @@ def test_a_bfloat16_swarm_sends_half_the_bytes_and_flags_nobody(tmp_path, wire_d
         swarm.start()
         numel = swarm.nodes[0].status["parameters"]
 
-        def exchanged():
+        def exchanged_and_audited():  # every exchange is drawn for audit: votes follow within seconds
             scrapes = [swarm.metrics(i) for i in range(3)]
-            return all(s and exchange_bytes(s)[1] >= 2 for s in scrapes) and scrapes
+            done = all(s and exchange_bytes(s)[1] >= 1 for s in scrapes)
+            return done and sum(votes(s, "accept") for s in scrapes) >= 2 and scrapes
 
-        scrapes = poll(exchanged, timeout=240, what="two completed exchanges on every node")
+        scrapes = poll(exchanged_and_audited, timeout=240, what="an exchange on every node and two accept votes")
         for scrape in scrapes:
             sent, ok = exchange_bytes(scrape)
             # every completed exchange sent numel values; failed and refused ones send less, framing adds ~0.1%
             assert sent >= ok * numel * bytes_per_value, (sent, ok, numel)
             assert sent < (ok + 1) * numel * bytes_per_value * 1.01 + 64 * 1024 * (ok + 1), (sent, ok, numel)
-        codes = swarm.wait_finished(timeout=300)
-        assert codes == [0, 0, 0], [n.log_tail() for n in swarm.nodes]
+            assert votes(scrape, "reject") == 0, scrape
     finally:
-        swarm.stop()
+        swarm.stop()  # a clean leave: each node writes its summary
     summaries = swarm.summaries()
-    assert all(s["exchanges"]["ok"] >= 2 for s in summaries), summaries
-    assert sum(s["votes"].get("accept", 0) for s in summaries) >= 1, summaries  # audits happened
+    assert all(s["exchanges"]["ok"] >= 1 for s in summaries), summaries
     assert not any(s["votes"].get("reject", 0) for s in summaries), summaries
     assert not any(s["flagged"] for s in summaries), summaries
