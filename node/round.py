@@ -139,9 +139,24 @@ class Rounds:
                     # pulled along instead of drifting out of every partner's staleness window
                     next_round = max(progress.round, outcome.partner_round) + 1
         m.sync_wait_seconds.observe(waited)
-        distance = await self.compute(self.trainer.apply_outer_step, tensors)
+        distance, dropped = await self.compute(self._apply_paired, tensors, partner)
+        if dropped:  # flagged after it was accepted, while the step waited for the trainer (e.g. behind a replay)
+            self._flagged_since(partner)
+            partner = None
         self._steps += 1
         return self._finish(stats, "paired" if partner else "local", partner, distance, waited, next_round)
+
+    def _excluded_now(self, partner: str | None) -> bool:
+        """Whether `partner` is flagged or distrusted by now (membership reads only: atomic on any thread)."""
+        verification = self.verification
+        return partner is not None and verification is not None and (
+            partner in verification.flagged or partner in verification.distrusted)
+
+    def _apply_paired(self, tensors: dict[str, Any] | None, partner: str | None) -> tuple[float | None, bool]:
+        """On the trainer thread: the outer step, alone if the partner has been flagged by now (the last moment
+        to check). Returns (distance, whether the partner's tensors were dropped)."""
+        dropped = self._excluded_now(partner)
+        return self.trainer.apply_outer_step(None if dropped else tensors), dropped
 
     async def _eager_outer_step(self, stats: RoundStats) -> RoundResult:
         """`overlap on`: land the exchange that completed since the last boundary (its correction, its round
@@ -213,10 +228,7 @@ class Rounds:
     def _apply_eager(self, updates: list[PartnerUpdate], partner: str | None) -> tuple[Any, Any, bool]:
         """On the trainer thread: the eager outer step, without the partner's correction if that partner has
         been flagged by now (the last moment to check). Returns (distance, shift, whether it was dropped)."""
-        verification = self.verification
-        # membership reads only (atomic): the flags are written on the event loop
-        dropped = partner is not None and verification is not None and (
-            partner in verification.flagged or partner in verification.distrusted)
+        dropped = self._excluded_now(partner)
         distance, shift = self.trainer.apply_eager_outer_step([] if dropped else updates)
         return distance, shift, dropped
 

@@ -92,8 +92,9 @@ class Attacker:
         return FrameStream(reader, writer, max_frame_bytes=2**24, io_timeout=15)
 
     async def node_round(self) -> int:
-        """The node's round (read every 2 s at most: within max_staleness, and cheap for the node)."""
-        if time.monotonic() - self._round_read > 2.0:
+        """The node's round, read at most every 0.25 s: a tiny-model node may do several rounds a second, and a
+        round read longer ago can be more than max_staleness (8) behind, when the node refuses as stale."""
+        if time.monotonic() - self._round_read > 0.25:
             samples = await asyncio.to_thread(self.swarm.metrics, 0)
             self._round, self._round_read = int(samples.get("gossiptrain_round", 0)), time.monotonic()
         return self._round
@@ -146,7 +147,7 @@ class Attacker:
             if cut is not None:
                 cuts.append(cut)
             else:
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.1)  # refused (not at a boundary, busy, stale): ask again soon
         return cuts
 
 

@@ -35,13 +35,14 @@ def history(node) -> list[dict]:
 
 def run(swarm: LocalSwarm, watch: bool) -> dict:
     swarm.start()
-    scrapes: list[dict[str, float]] = []
+    scrapes: list[dict[str, float]] = [{} for _ in range(swarm.num_nodes)]
     if watch:
         def every_node_landed_a_correction():
-            samples = [swarm.metrics(i) for i in range(swarm.num_nodes)]
-            return all(paired_rounds(s) >= 1 for s in samples) and samples
+            for i in range(swarm.num_nodes):  # keep each node's last scrape: one done with its rounds is gone
+                scrapes[i] = swarm.metrics(i) or scrapes[i]
+            return all(paired_rounds(s) >= 1 for s in scrapes)
 
-        scrapes = poll(every_node_landed_a_correction, timeout=150, what="every node to land a partner's correction")
+        poll(every_node_landed_a_correction, timeout=150, what="every node to land a partner's correction")
     codes = swarm.wait_finished(timeout=150)
     assert codes == [0] * swarm.num_nodes, [n.log_tail() for n in swarm.nodes]
     slow = [load_latest(n.work_dir / "checkpoints")[0].tensors["phi"] for n in swarm.nodes]
