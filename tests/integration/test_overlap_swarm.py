@@ -19,7 +19,7 @@ from tests.integration.conftest import TINY, poll
 
 pytestmark = pytest.mark.integration
 
-ROUNDS = 10
+ROUNDS = 16  # replicas are compared at the end: enough rounds for averaging to dominate the drift
 RUN_ARGS = TINY + ["--inner-steps", "20", "--rounds", str(ROUNDS), "--sync-timeout", "6", "--seed", "3",
                    "--checkpoint-every", "0"]
 

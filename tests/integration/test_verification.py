@@ -24,7 +24,7 @@ from tests.integration.conftest import TINY
 
 pytestmark = pytest.mark.integration
 
-NODES, CHEATER, ROUNDS = 5, 4, 16
+NODES, CHEATER, ROUNDS = 5, 4, 24  # honest losses are averaged over the second half: after the flag spread
 RUN_ARGS = TINY + ["--inner-steps", "15", "--rounds", str(ROUNDS), "--sync-timeout", "5", "--seed", "11",
                    "--verify-rate", "0.5", "--vote-timeout", "10", "--checkpoint-every", "0"]
 CHEAT_ENV = {CHEATER: {FAULT_ENV: "sign_flip", FAULT_ACK_ENV: FAULT_ACK}}  # sends φ − Δ, committed to it
