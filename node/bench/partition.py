@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from node.bench import split_node_args, stop_on_sigterm
 from node.table import format_table
 from node.tools import netns
 from node.tools.swarm import LocalSwarm, SwarmError, exchange_count, scrape
@@ -220,16 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    argv, extra = split_node_args(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.repeat < 1 or any(cut <= 0 for cut in args.cuts) or args.deadline <= 0 or args.hold < 0:
@@ -238,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"bench partition: {reason}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     base = Path(args.dir)
     if base.exists():
         shutil.rmtree(base)

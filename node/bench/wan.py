@@ -40,13 +40,13 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.bench import split_node_args, stop_on_sigterm
 from node.metrics import FAILED_RESULTS
 from node.table import format_table
 from node.tools import netns
@@ -209,16 +209,8 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    argv, extra = split_node_args(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -232,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"bench wan: {reason}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     base = Path(args.dir)
     if base.exists():
         shutil.rmtree(base)
