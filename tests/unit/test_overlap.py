@@ -318,20 +318,30 @@ async def test_engine_takes_a_refused_or_partnerless_exchange_as_a_local_step(ti
     assert rounds.progress.round == 2 and len(gossip.calls) == 2
 
 
-async def test_an_update_accepted_before_its_sender_was_flagged_does_not_land(tiny_config, corpus):
+async def cheater_exchange_landed(tiny_config, corpus):
+    """An engine whose first boundary's background exchange with "cheater" has completed (not yet applied)."""
     rounds, trainer, gossip = await engine(tiny_config, corpus, verification=True)
     await boundary(rounds)
     await settle_tasks()
     partner = np.zeros(trainer.numel, dtype=np.float32)
     gossip.calls[0][2].set_result(SyncOutcome("cheater", {"theta": partner}, 0.1, partner_round=0))
     await settle_tasks()
-    rounds.verification.flagged.add("cheater")  # a verifier majority flags it while the next round trains
+    return rounds, trainer
+
+
+async def assert_next_boundary_is_a_local_step(rounds, trainer) -> None:
     phi, delta = trainer.slow_weights.clone(), trainer.outer_momentum.clone()
     stats = await rounds.train()
     theta = trainer.fast_weights()
     result = await rounds.outer_step(stats)
     assert result.partner is None and outer_rounds(rounds)["local"] == 2
     torch.testing.assert_close(trainer.slow_weights, local_outer_step(phi, theta - phi, delta, trainer.hyper)[0])
+
+
+async def test_an_update_accepted_before_its_sender_was_flagged_does_not_land(tiny_config, corpus):
+    rounds, trainer = await cheater_exchange_landed(tiny_config, corpus)
+    rounds.verification.flagged.add("cheater")  # a verifier majority flags it while the next round trains
+    await assert_next_boundary_is_a_local_step(rounds, trainer)
     refused = {s.labels["reason"]: s.value for m in rounds.metrics.updates_refused.collect() for s in m.samples
                if s.name.endswith("_total")}
     assert refused["flagged"] == 1
@@ -340,11 +350,7 @@ async def test_an_update_accepted_before_its_sender_was_flagged_does_not_land(ti
 async def test_an_update_whose_sender_is_flagged_during_the_boundary_does_not_land(tiny_config, corpus):
     """The flag arrives after the boundary looked at the landed exchange (while it commits, or while the outer
     step waits for the trainer thread behind an audit replay): checked again on the trainer thread."""
-    rounds, trainer, gossip = await engine(tiny_config, corpus, verification=True)
-    await boundary(rounds)
-    await settle_tasks()
-    gossip.calls[0][2].set_result(SyncOutcome("cheater", {"theta": np.zeros(trainer.numel, np.float32)}, 0.1, 0))
-    await settle_tasks()
+    rounds, trainer = await cheater_exchange_landed(tiny_config, corpus)
     prepare = rounds.verification.prepare
 
     async def flagged_meanwhile(*args):
@@ -352,12 +358,7 @@ async def test_an_update_whose_sender_is_flagged_during_the_boundary_does_not_la
         return await prepare(*args)
 
     rounds.verification.prepare = flagged_meanwhile
-    phi, delta = trainer.slow_weights.clone(), trainer.outer_momentum.clone()
-    stats = await rounds.train()
-    theta = trainer.fast_weights()
-    result = await rounds.outer_step(stats)
-    assert result.partner is None and outer_rounds(rounds)["local"] == 2
-    torch.testing.assert_close(trainer.slow_weights, local_outer_step(phi, theta - phi, delta, trainer.hyper)[0])
+    await assert_next_boundary_is_a_local_step(rounds, trainer)
 
 
 async def test_the_boundary_does_not_wait_for_the_commitment_store(tiny_config, corpus):
