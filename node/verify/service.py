@@ -141,15 +141,13 @@ class Judgement:
     reason: str
 
 
-def sent_update(tensors: dict[str, np.ndarray]) -> torch.Tensor:
-    """Δ as sent: θ − φ_start (or, when γ ≠ β, the sent φ + Δ − φ_start), from what an audited peer served."""
-    phi = torch.from_numpy(np.asarray(tensors["phi"], dtype=np.float32))
-    if SENT_PREFIX + "theta" in tensors:
-        theta = torch.from_numpy(np.asarray(tensors[SENT_PREFIX + "theta"], dtype=np.float32))
-    else:
-        theta = (torch.from_numpy(np.asarray(tensors[SENT_PREFIX + "phi"], dtype=np.float32))
-                 + torch.from_numpy(np.asarray(tensors[SENT_PREFIX + "delta_update"], dtype=np.float32)))
-    return theta - phi
+def sent_update(phi_start: np.ndarray, sent: dict[str, np.ndarray]) -> torch.Tensor:
+    """Δ as sent: θ − φ_start (or, when γ ≠ β, the sent φ + Δ − φ_start), from the tensors sent (unprefixed)."""
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+    theta = tensor(sent["theta"]) if "theta" in sent else tensor(sent["phi"]) + tensor(sent["delta_update"])
+    return theta - tensor(phi_start)
 
 
 def audit_signer(numel: int, seed: bytes) -> UpdateSigner:
@@ -165,7 +163,7 @@ def make_commitment(run_id: str, peer: str, round_: int, start: RoundStart, outg
     update to sign; None (always, but for test-only fault injection): the update as sent, from `outgoing`."""
     tensors, data = describe_start(start)
     if update is None:
-        update = sent_update({"phi": tensors["phi"], **{SENT_PREFIX + name: a for name, a in outgoing.items()}})
+        update = sent_update(tensors["phi"], outgoing)
     commitment = Commitment(
         run_id=run_id, peer=peer, round=round_, start_digest=start_digest(tensors, data, start.global_step),
         theta_digest=sent_digest(outgoing), data=data, global_step=start.global_step, inner_steps=inner_steps,
@@ -181,7 +179,7 @@ def replayed_as_sent(tensors: dict[str, np.ndarray], replayed: torch.Tensor, wir
         return replayed
     phi = torch.from_numpy(np.asarray(tensors["phi"], dtype=np.float32))
     outgoing = outgoing_tensors(phi, phi + replayed, SENT_PREFIX + "theta" in tensors, wire_dtype)
-    return sent_update({"phi": tensors["phi"], **{SENT_PREFIX + name: a for name, a in outgoing.items()}})
+    return sent_update(tensors["phi"], outgoing)
 
 
 def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarray], replayer: Replayer,
@@ -204,7 +202,7 @@ def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarr
         return Judgement(REJECT, None, "sent tensors do not match the committed digest")
     if commitment.inner_steps != inner_steps:
         return Judgement(REJECT, None, f"committed {commitment.inner_steps} inner steps, the run uses {inner_steps}")
-    delta_sent = sent_update(tensors)
+    delta_sent = sent_update(tensors["phi"], sent)
     committed = compare(commitment.update, run_signer.sign(delta_sent), tolerances)
     if not committed.ok:
         return Judgement(REJECT, committed, "committed signature does not describe the sent update")
