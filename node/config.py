@@ -42,7 +42,17 @@ class NodeConfig:
     device: str = "auto"
     threads: int = 0
     micro_batches: int = 1
+    # data-parallel inner steps inside this one node: "" (one process), "auto" (every GPU), "cuda:0,cuda:1",
+    # or "cpu:N" (N gloo processes; tests and CPU boxes). Rank 0 alone talks to the swarm (node/train/parallel.py)
+    devices: str = ""
+    grad_checkpointing: str = "off"  # on: recompute activations in the backward pass (transformers models)
+    compile: str = "off"  # on: torch.compile the model (not used by verification replays)
     # --- model (part of the run manifest) ---
+    # "builtin" (the byte-level GPT below), a preset shipped in the package, or a transformers causal-LM
+    # config.json (or its directory); built with random weights from `seed`, nothing is downloaded
+    model: str = "builtin"
+    init_weights: str = ""  # a local safetensors file to start from instead of random weights
+    tokenizer: str = ""  # a Hugging Face `tokenizers` JSON file; "": raw bytes (vocab 256)
     seed: int = 0
     context: int = 64
     d_model: int = 128
@@ -50,6 +60,7 @@ class NodeConfig:
     n_heads: int = 4
     # --- data ---
     data: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the column holding the text in JSONL, Parquet and `datasets` folders
     shard: int = -1
     num_shards: int = 16
     batch_size: int = 8

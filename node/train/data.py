@@ -30,6 +30,7 @@ class Corpus:
     data: np.ndarray  # uint8, the whole corpus
     fingerprint: str
     description: str
+    vocab_size: int = 256  # token ids in `data` are < vocab_size (bytes: 256)
 
     @property
     def num_blocks(self) -> int:
