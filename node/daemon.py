@@ -365,6 +365,7 @@ class Node:
             version=__version__, started=self.started_at, rounds_done=self.progress.rounds_done,
             train_loss=self.progress.train_loss, tokens_per_second=self.progress.tokens_per_second,
             last_exchange=LastExchange(last["time"], last["partner"]) if last is not None else None,
+            utilisation=self.progress.utilisation,
             exchanges=counts_by_label(self.metrics.exchanges, "result"), flagged=tuple(flagged),
         )
 
@@ -374,7 +375,7 @@ class Node:
         self.files.append_history({
             "time": round(time.time(), 3), "peer_id": self.peer_id, "round": progress.round,
             "rounds_done": progress.rounds_done, "train_loss": progress.train_loss, "eval_loss": progress.eval_loss,
-            "tokens_per_second": progress.tokens_per_second,
+            "tokens_per_second": progress.tokens_per_second, "utilisation": progress.utilisation,
             "partner": None, "partner_distance": None, "wait_seconds": None,
             **(round_info or {}),
             "exchanges": counts_by_label(m.exchanges, "result"),

@@ -42,6 +42,7 @@ class Progress:
     initial_eval_loss: float | None = None
     train_loss: float | None = None
     tokens_per_second: float | None = None
+    utilisation: float | None = None  # inner-step seconds / wall seconds since this process's first round
     last_exchange: dict[str, Any] | None = None  # time and partner of the last applied partner update
 
 
@@ -115,7 +116,9 @@ class Rounds:
             m.train_compute_seconds.inc(stats.seconds)
             self._compute_seconds += stats.seconds
             # what the trainer did not wait for: boundaries (network, outer step), evaluation, checkpoints, audits
-            m.utilisation.set(self._compute_seconds / max(time.monotonic() - self._first_round_started, 1e-9))
+            self.progress.utilisation = min(1.0, self._compute_seconds / max(
+                time.monotonic() - self._first_round_started, 1e-9))
+            m.utilisation.set(self.progress.utilisation)
         return stats
 
     async def outer_step(self, stats: RoundStats) -> RoundResult:

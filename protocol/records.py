@@ -150,6 +150,13 @@ def _finite(name: str, value: Any, low: float = -math.inf) -> float:
     return number
 
 
+def _fraction(name: str, value: Any) -> float:
+    number = _finite(name, value, 0.0)
+    if number > 1.0:
+        raise InvalidRecord(f"field '{name}' must be a fraction in 0..1")
+    return number
+
+
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidRecord(f"field '{name}' must be a boolean, got {type(value).__name__}")
@@ -244,6 +251,7 @@ class Report:
     rounds_done: int | None = None
     train_loss: float | None = None
     tokens_per_second: float | None = None
+    utilisation: float | None = None  # share of wall time spent in inner steps, 0..1
     last_exchange: LastExchange | None = None
     exchanges: Mapping[str, int] = field(default_factory=dict)  # exchange result -> count
     flagged: tuple[str, ...] = ()  # peers this node has flagged (at most MAX_FLAGGED)
@@ -252,6 +260,7 @@ class Report:
         return {
             "time": self.time, "version": self.version, "started": self.started, "rounds_done": self.rounds_done,
             "train_loss": self.train_loss, "tokens_per_second": self.tokens_per_second,
+            "utilisation": self.utilisation,
             "last_exchange": self.last_exchange.to_wire() if self.last_exchange is not None else None,
             "exchanges": dict(self.exchanges), "flagged": list(self.flagged[:MAX_FLAGGED]),
         }
@@ -266,6 +275,7 @@ class Report:
             rounds_done=_optional(body, "rounds_done", _int, strict),
             train_loss=_optional(body, "train_loss", _number, strict),
             tokens_per_second=_optional(body, "tokens_per_second", lambda n, v: _finite(n, v, 0.0), strict),
+            utilisation=_optional(body, "utilisation", _fraction, strict),
             last_exchange=_optional(body, "last_exchange", lambda n, v: LastExchange.from_wire(v, strict), strict),
             exchanges=_optional(body, "exchanges", lambda n, v: _counts(n, v, strict), strict, {}),
             flagged=_optional(body, "flagged", lambda n, v: _list(n, v, MAX_FLAGGED, _peer_item, strict), strict, ()),

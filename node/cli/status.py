@@ -60,6 +60,7 @@ def render(swarm: SwarmStatus) -> str:
                 "eval loss": p.eval_loss if p.eval_loss is not None else math.nan,
                 "train loss": p.train_loss if p.train_loss is not None else math.nan,
                 "tok/s": p.tokens_per_second if p.tokens_per_second is not None else math.nan,
+                "util": p.utilisation if p.utilisation is not None else math.nan,
                 "ex ok": p.exchanges.get("ok", 0),
                 "ex failed": sum(p.exchanges.get(k, 0) for k in FAILED_RESULTS),
                 "last exchange": (f"{_ago(p.last_exchange_age)} with {_short(p.last_exchange_partner)}"

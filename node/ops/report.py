@@ -28,7 +28,7 @@ DPI = 100
 RATE_WINDOW = 5  # the network panel's bold line: bytes/s over the last 5 intervals (per interval: thin)
 
 _REQUIRED_INT = ("round", "rounds_done")
-_OPTIONAL_FLOAT = ("train_loss", "eval_loss", "tokens_per_second", "partner_distance", "wait_seconds")
+_OPTIONAL_FLOAT = ("train_loss", "eval_loss", "tokens_per_second", "utilisation", "partner_distance", "wait_seconds")
 _OPTIONAL_INT = ("bytes_sent", "bytes_received")
 
 
@@ -253,6 +253,7 @@ def summary(histories: dict[str, Sequence[dict[str, Any]]]) -> list[dict[str, An
         failed = _monotone(parts, failed_count)
         peer = records[-1]["peer_id"][-8:] if records else "-"
         first_eval, last_eval = first_value(records, "eval_loss"), last_value(records, "eval_loss")
+        utilisation = last_value(records, "utilisation")
         rows.append({
             "node": label, "peer": peer, "records": len(records), "restarts": max(len(parts) - 1, 0),
             "eval first": math.nan if first_eval is None else first_eval,
@@ -260,6 +261,7 @@ def summary(histories: dict[str, Sequence[dict[str, Any]]]) -> list[dict[str, An
             "round": records[-1]["round"] if records else "-",
             "rounds": sum(p[-1]["rounds_done"] - p[0]["rounds_done"] for p in parts),
             "ex ok": int(ok[-1]) if ok else 0, "ex failed": int(failed[-1]) if failed else 0,
+            "util": math.nan if utilisation is None else utilisation,
             "skipped": getattr(records, "skipped", 0),
         })
     return rows
@@ -397,6 +399,7 @@ class _Canvas:
     t0: float
     scale: float
     colors: dict[str, Any]
+    utilisation_axis: Any = None  # the throughput panel's right axis (made when a node recorded utilisation)
 
     @property
     def panels(self) -> tuple[Any, ...]:
@@ -427,6 +430,7 @@ class _Drawn:
     any_distance: bool = False
     any_rate: bool = False
     any_tokens: bool = False
+    any_utilisation: bool = False
     rate_series: dict[str, list[tuple[list[tuple[float, float]], list[tuple[float, float]]]]] = dataclasses.field(
         default_factory=dict)
 
@@ -443,6 +447,12 @@ def _plot_nodes(canvas: _Canvas, histories: dict[str, Sequence[dict[str, Any]]])
         _plot_exchanges(canvas, ax_ex, records, parts, color)
         drawn.any_tokens |= any(r["tokens_per_second"] is not None for r in records)
         canvas.line(ax_tok, parts, "tokens_per_second", color)
+        if any(r["utilisation"] is not None for r in records):
+            drawn.any_utilisation = True
+            if canvas.utilisation_axis is None:
+                canvas.utilisation_axis = ax_tok.twinx()
+            canvas.line(canvas.utilisation_axis, parts, "utilisation", color, linestyle=(0, (2, 2)),
+                        linewidth=1.1 * canvas.scale)
         drawn.rate_series[label] = [(network_rates([part]), network_rates([part], RATE_WINDOW)) for part in parts]
         drawn.any_rate |= any(raw for raw, _ in drawn.rate_series[label])
         canvas.line(ax_round, parts, "round", color, drawstyle="steps-post")
@@ -546,6 +556,8 @@ def _label_throughput(canvas: _Canvas, any_tokens: bool) -> None:
     ax.set(title="Training throughput", ylabel="tokens/s")
     ax.yaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_ylim(bottom=0)
+    if canvas.utilisation_axis is not None:  # dotted: the share of wall time spent in inner steps
+        canvas.utilisation_axis.set(ylabel="utilisation (dotted)", ylim=(0, 1.05))
     if not any_tokens:
         canvas.empty(ax, "no throughput recorded yet")
 

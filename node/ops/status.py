@@ -46,6 +46,7 @@ class PeerStatus:
     eval_loss: float | None = None
     train_loss: float | None = None
     tokens_per_second: float | None = None
+    utilisation: float | None = None
     rounds_done: int | None = None
     version: str | None = None
     last_exchange_partner: str | None = None
@@ -155,6 +156,7 @@ def _peer_status(peer_id: str, presence: Presence, now: float) -> PeerStatus:
         eval_loss=presence.eval_loss,
         train_loss=report.train_loss,
         tokens_per_second=report.tokens_per_second,
+        utilisation=report.utilisation,
         rounds_done=report.rounds_done,
         version=report.version,
         last_exchange_partner=report.last_exchange.partner if report.last_exchange is not None else None,

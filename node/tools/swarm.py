@@ -214,7 +214,8 @@ def progress_row(index: int, samples: dict[str, float]) -> dict[str, Any]:
     return {
         "node": index, "round": int(samples.get("gossiptrain_round", 0)),
         "loss": samples.get("gossiptrain_train_loss", math.nan), "eval": samples.get("gossiptrain_eval_loss", math.nan),
-        "tok/s": samples.get("gossiptrain_tokens_per_second", math.nan), "ex ok": ok, "ex failed": failed,
+        "tok/s": samples.get("gossiptrain_tokens_per_second", math.nan),
+        "util": samples.get("gossiptrain_utilisation", math.nan), "ex ok": ok, "ex failed": failed,
         "refused": exchange_count(samples, "rejected"), "alone": exchange_count(samples, "no_partner"),
         "peers": int(samples.get("gossiptrain_peers_live", 0)),
     }

@@ -44,7 +44,7 @@ def full_presence(now: float) -> Presence:
     return Presence(
         manifest=MANIFEST, round=7, eval_loss=2.5, maddrs=(ADDRESS,),
         report=Report(time=now, version="0.1.0", started=now - 60, rounds_done=5, train_loss=2.6,
-                      tokens_per_second=1000.0, last_exchange=LastExchange(now - 4, OTHER),
+                      tokens_per_second=1000.0, utilisation=0.75, last_exchange=LastExchange(now - 4, OTHER),
                       exchanges={"ok": 3, "timeout": 1}, flagged=(OTHER,)),
     )
 
@@ -55,7 +55,7 @@ def test_presence_wire_form_is_the_flat_map_nodes_have_always_published():
     wire = full_presence(now).to_wire()
     assert wire == {
         "time": now, "version": "0.1.0", "started": now - 60, "rounds_done": 5, "train_loss": 2.6,
-        "tokens_per_second": 1000.0, "last_exchange": {"time": now - 4, "partner": OTHER},
+        "tokens_per_second": 1000.0, "utilisation": 0.75, "last_exchange": {"time": now - 4, "partner": OTHER},
         "exchanges": {"ok": 3, "timeout": 1}, "flagged": [OTHER],
         "round": 7, "manifest": MANIFEST, "eval_loss": 2.5, "maddrs": [ADDRESS],
     }
@@ -96,15 +96,15 @@ def test_hostile_presence_fields_are_unknown_and_strict_mode_refuses_them():
     wire = full_presence(now).to_wire()
     hostile = {
         "round": True, "eval_loss": "2.5", "train_loss": [1.0], "tokens_per_second": -5.0, "rounds_done": 2**63,
-        "time": math.inf, "started": "yesterday", "version": "0.1\x1b[31m", "manifest": 7,
+        "utilisation": 1.5, "time": math.inf, "started": "yesterday", "version": "0.1\x1b[31m", "manifest": 7,
         "last_exchange": {"time": False, "partner": "evil\npeer"}, "exchanges": {"ok": -1, "timeout": 2, 3: 4},
         "flagged": [OTHER, 5, "\x00"], "maddrs": [ADDRESS, "not-an-address", 9],
     }
     parsed = Presence.from_wire({**wire, **hostile})
     assert (parsed.round, parsed.eval_loss, parsed.manifest) == (None, None, None)
     report = parsed.report
-    assert (report.train_loss, report.tokens_per_second, report.rounds_done, report.time, report.started,
-            report.version) == (None, None, None, None, None, None)
+    assert (report.train_loss, report.tokens_per_second, report.utilisation, report.rounds_done, report.time,
+            report.started, report.version) == (None, None, None, None, None, None, None)
     assert report.last_exchange == LastExchange(None, None)
     assert report.exchanges == {"timeout": 2} and report.flagged == (OTHER,) and parsed.maddrs == (ADDRESS,)
     for name, value in hostile.items():

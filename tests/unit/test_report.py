@@ -82,7 +82,8 @@ def node_records(index: int, rounds: int = ROUNDS, restart_at: int | None = None
 def record(t, peer, rnd, done, train, evl, tps, partner, distance, wait, ex, sent, received) -> dict:
     return {"time": round(t, 3), "peer_id": peer, "round": rnd, "rounds_done": done, "train_loss": train,
             "eval_loss": evl, "tokens_per_second": tps, "partner": partner, "partner_distance": distance,
-            "wait_seconds": wait, "exchanges": dict(ex), "bytes_sent": sent, "bytes_received": received}
+            "wait_seconds": wait, "exchanges": dict(ex), "bytes_sent": sent, "bytes_received": received,
+            "utilisation": None if tps is None else round(tps / 30_000, 4)}
 
 
 @pytest.fixture
@@ -182,6 +183,7 @@ def test_summary_rows_survive_a_restart(swarm_dir: Path):
     rows = {row["node"]: row for row in summary(histories)}
     plain, restarted = node_records(0), node_records(2, restart_at=15)
     assert rows["node0"]["ex ok"] == plain[-1]["exchanges"]["ok"]
+    assert rows["node0"]["util"] == plain[-1]["utilisation"] > 0  # the last recorded share of wall time training
     assert rows["node0"]["rounds"] == ROUNDS and rows["node0"]["restarts"] == 0
     # counters restart at 0 in the new process: the node's total is the sum of both lifetimes
     first_life = next(r for r in reversed(restarted) if r["peer_id"] == restarted[0]["peer_id"])
