@@ -19,7 +19,7 @@ import torch
 from node.config import ConfigError, NodeConfig
 from node.gossip.exchange import SyncOutcome
 from node.metrics import NodeMetrics
-from node.round import Progress, Rounds, clock_after_exchange
+from node.round import Progress, Rounds, clock_after_exchange, overlap_search_seconds
 from node.tasks import BackgroundTasks
 from node.train.outer_step import (
     OuterHyper,
@@ -187,10 +187,12 @@ class ScriptedGossip:
     def __init__(self) -> None:
         self.background = BackgroundTasks()
         self.calls: list[tuple[int, dict, asyncio.Future]] = []
+        self.timeouts: list[float] = []  # each call's search deadline
 
     async def sync_round(self, round_: int, outgoing: dict, timeout: float) -> SyncOutcome:
         future = asyncio.get_running_loop().create_future()
         self.calls.append((round_, outgoing, future))
+        self.timeouts.append(timeout)
         return await future
 
 
@@ -386,6 +388,21 @@ async def test_the_boundary_does_not_wait_for_the_commitment_store(tiny_config, 
     await settle_tasks()
     await boundary(rounds)
     assert len(gossip.calls) == 1 and outer_rounds(rounds)["local"] == 3
+
+
+def test_the_background_search_runs_until_shortly_before_the_next_boundary():
+    assert overlap_search_seconds(sync_timeout=10.0, round_seconds=30.0) == pytest.approx(24.0)
+    assert overlap_search_seconds(sync_timeout=10.0, round_seconds=2.0) == 10.0  # never below sync_timeout
+
+
+async def test_a_long_round_keeps_the_node_open_to_pairing_for_most_of_the_next(tiny_config, corpus):
+    rounds, trainer, gossip = await engine(tiny_config, corpus, sync_timeout=0.001)
+    stats = await rounds.train()
+    await rounds.outer_step(stats)
+    await settle_tasks()
+    assert gossip.timeouts == [pytest.approx(0.8 * stats.seconds)] and stats.seconds > 0.001
+    gossip.calls[0][2].set_result(SyncOutcome(None, None, 0.0))
+    await settle_tasks()
 
 
 async def test_overlap_off_and_sync_local_keep_the_sequential_engine(tiny_config, corpus):
