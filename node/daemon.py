@@ -221,6 +221,7 @@ class Node:
             )
             await self.verification.start()
             self.gossip.excluded = self.verification.excluded
+            self.gossip.attest = self.verification.attest
         if self.fault is not None:
             logger.warning("TEST FAULT INJECTION ENABLED (%s): this node sends corrupted updates", self.fault)
         self.membership.on_view_change = self._on_view_change

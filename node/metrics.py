@@ -125,7 +125,7 @@ METRICS: tuple[MetricSpec, ...] = (
                ("result",), zeros=("ok", "failed", "skipped")),
     MetricSpec("updates_refused", Counter, "gossiptrain_updates_refused",
                "Partner updates received but not applied, by reason", ("reason",),
-               zeros=("flagged", "no_commitment", "digest_mismatch")),
+               zeros=("flagged", "no_commitment", "digest_mismatch", "no_attestation")),
     MetricSpec("replay_seconds", Histogram, "gossiptrain_verify_replay_seconds",
                "Compute time of one verification replay", buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)),
     MetricSpec("verify_compute_seconds", Counter, "gossiptrain_verify_compute_seconds",

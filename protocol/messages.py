@@ -57,7 +57,7 @@ __all__ = [
     # ...and every message class, appended below from the registry.
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: ExchangeAck carries the sender's attestation
 
 REJECT_REASONS: tuple[str, ...] = (
     "busy",
@@ -190,10 +190,13 @@ class TensorEnd:
 
 @_message(7)
 class ExchangeAck:
-    """Each side's verdict on what it received; the average is applied only if both are ok."""
+    """Each side's verdict on what it received; the average is applied only if both are ok. In a pair exchange with
+    verification on, `attestation` is the sender's signed Attestation envelope of what it sent (protocol/verification.py;
+    the partner's receipt carries its signature); empty otherwise."""
 
     ok: Bool
     reason: Str
+    attestation: Bytes = b""
 
 
 @_message(8)

@@ -7,7 +7,10 @@ Three signed records live in the DHT:
   of the θ it will send, and an LSH signature of its update Δ = θ − φ.
 - ``Receipt``: published by the partner that received that θ: the digest it actually
   got, plus a random nonce. The nonce seeds the audit lottery, so the sender could not
-  know, when it committed, whether this round will be audited or by whom.
+  know, when it committed, whether this round will be audited or by whom. It carries the
+  sender's ``Attestation`` signature, given in the exchange itself (sender, receiver, round,
+  digest, the sender's clock): nobody can publish a receipt for an exchange that did not
+  happen, and one published after the sender may have let the round's state go is no audit.
 - ``Vote``: a verifier's accept/reject after replaying the round, with the evidence.
 
 Rules here: comparing two update signatures against tolerances, the audit seed and
@@ -39,6 +42,12 @@ MAX_RECORD_BYTES = 16 * 1024
 HEX_DIGEST_CHARS = 64  # a 32-byte digest in hex
 MAX_SKETCH = 1024
 MAX_BITS_BYTES = 512
+# A receiver refuses an update whose attestation's clock is further than this from its own; a verifier audits a
+# receipt only while its attestation is at most MAX_RECEIPT_AGE old. MAX_ATTESTATION_SKEW < MAX_RECEIPT_AGE, so a
+# sender cannot backdate its attestations out of every audit; MAX_RECEIPT_AGE + MAX_ATTESTATION_SKEW stays below
+# how long a sender keeps an attested round's start state (node/verify/service.py RETAIN_MIN_SECONDS).
+MAX_ATTESTATION_SKEW = 10.0
+MAX_RECEIPT_AGE = 20.0
 
 
 class InvalidRecord(InvalidField):
@@ -176,6 +185,33 @@ class Commitment:
 
 
 @dataclass(frozen=True)
+class Attestation:
+    """The sender's word, given to its partner at the end of an exchange (in its ExchangeAck): "I sent you θ with
+    this digest for my round, at this time by my clock". Signed by the sender; the receiver checks it against what
+    arrived and its own clock, and its receipt carries the signature."""
+
+    KIND: ClassVar[str] = "attestation"
+    run_id: str
+    sender: str  # who signs this attestation
+    receiver: str
+    round: int  # the sender's round
+    theta_digest: str  # what the sender sent
+    time: float  # the sender's wall clock when it attested
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> Attestation:
+        body = _map(body)
+        return cls(
+            run_id=_str("run_id", body.get("run_id")), sender=_str("sender", body.get("sender")),
+            receiver=_str("receiver", body.get("receiver")), round=_u63("round", body.get("round")),
+            theta_digest=_hex("theta_digest", body.get("theta_digest")), time=_float("time", body.get("time")),
+        )
+
+
+@dataclass(frozen=True)
 class Receipt:
     KIND: ClassVar[str] = "receipt"
     run_id: str
@@ -184,17 +220,27 @@ class Receipt:
     round: int  # the sender's round (its commitment's round)
     theta_digest: str  # what actually arrived
     nonce: str  # 32 hex chars of the receiver's randomness: seeds the audit lottery
+    sent_at: float  # the sender's attested clock
+    attestation: bytes  # the sender's signature over `attested()`
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
+    def attested(self) -> Attestation:
+        """What the sender signed (its signature is `attestation`)."""
+        return Attestation(self.run_id, self.sender, self.receiver, self.round, self.theta_digest, self.sent_at)
+
     @classmethod
     def from_wire(cls, body: Any) -> Receipt:
         body = _map(body)
+        attestation = body.get("attestation")
+        if not isinstance(attestation, bytes) or not 0 < len(attestation) <= 1024:
+            raise InvalidRecord("field 'attestation' must be the sender's signature (1..1024 bytes)")
         return cls(
             run_id=_str("run_id", body.get("run_id")), sender=_str("sender", body.get("sender")),
             receiver=_str("receiver", body.get("receiver")), round=_u63("round", body.get("round")),
             theta_digest=_hex("theta_digest", body.get("theta_digest")), nonce=_hex("nonce", body.get("nonce"), chars=32),
+            sent_at=_float("sent_at", body.get("sent_at")), attestation=attestation,
         )
 
 
@@ -232,7 +278,7 @@ class Vote:
         )
 
 
-Record = Commitment | Receipt | Vote
+Record = Commitment | Attestation | Receipt | Vote
 RECORD_KINDS: dict[str, type] = {cls.KIND: cls for cls in (Commitment, Receipt, Vote)}
 
 
@@ -277,6 +323,17 @@ def data_assignment(shard: int, sampler_state: Mapping[str, Any], adam_step: int
     """Canonical JSON of what a replay needs besides tensors (big integers stay exact in JSON)."""
     return json.dumps({"shard": shard, "sampler": sampler_state, "adam_step": adam_step,
                        "micro_batches": micro_batches}, sort_keys=True, separators=(",", ":"))
+
+
+def attestation_is_timely(attested_at: float, now: float) -> bool:
+    """May a receiver accept an attestation made at `attested_at` (sender's clock) at `now` (its own)?"""
+    return abs(now - attested_at) <= MAX_ATTESTATION_SKEW
+
+
+def receipt_is_current(sent_at: float, now: float) -> bool:
+    """Is a receipt whose exchange was attested at `sent_at` still an audit at `now` (the verifier's clock)? Later
+    than MAX_RECEIPT_AGE, the sender may rightly have let the round's start state go: it would answer `no_state`."""
+    return -MAX_ATTESTATION_SKEW <= now - sent_at <= MAX_RECEIPT_AGE
 
 
 def audit_seed(run_id: str, peer: str, round_: int, commitment_digest: bytes, receipt_nonce: str) -> bytes:

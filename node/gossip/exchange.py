@@ -57,7 +57,7 @@ from node.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
-EXCHANGE_PROTOCOL = "gossiptrain/exchange/1"
+EXCHANGE_PROTOCOL = "gossiptrain/exchange/2"
 POLL_INTERVAL = 0.2  # how often a waiting node re-reads the ready set
 
 
@@ -67,6 +67,7 @@ class SyncOutcome:
     tensors: dict[str, np.ndarray] | None
     seconds: float
     partner_round: int | None = None
+    attestation: bytes = b""  # the partner's signed word on what it sent (verification on; see `Gossip.attest`)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,9 @@ class Gossip:
         self.background = background
         # peers never paired with (flagged by verifiers): set by the daemon when verification is on
         self.excluded: Callable[[], set[str]] = set
+        # our signed attestation of what we send `partner` for our `round` (verification on; else empty): it travels
+        # in our ExchangeAck, and the partner's receipt carries it (protocol/verification.py Attestation)
+        self.attest: Callable[[str, int], bytes] = lambda partner, round_: b""
         self.service = StreamService(p2p, EXCHANGE_PROTOCOL, ExchangeRequest, settings.stream, metrics, "exchange",
                                      serve=self._serve_request, failed=self._incoming_failed,
                                      closed=self._incoming_closed)
@@ -222,8 +226,8 @@ class Gossip:
             self.background.spawn(self.membership.withdraw_ready(round_))
         elapsed = time.monotonic() - started
         if paired.done():
-            partner, tensors, partner_round = paired.result()
-            return SyncOutcome(partner, tensors, elapsed, partner_round)
+            partner, tensors, partner_round, attestation = paired.result()
+            return SyncOutcome(partner, tensors, elapsed, partner_round, attestation)
         self.metrics.exchanges.labels(result="no_partner").inc()
         return SyncOutcome(None, None, elapsed)
 
@@ -249,8 +253,9 @@ class Gossip:
         rounds = (peer.round for peer_id, peer in self.membership.live.items() if peer_id not in excluded)
         return could_pair(rounds, round_, self.settings.max_staleness)
 
-    async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int] | None:
-        """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round) or None."""
+    async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int, bytes] | None:
+        """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round, its attestation)
+        or None."""
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             return None
@@ -277,9 +282,9 @@ class Gossip:
             # accepted: from here on the exchange lives while its bytes flow, the search deadline does not cut it
             accepted = time.monotonic()
             received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
-            await confirm(stream)
+            attestation = await confirm(stream, self.attest(partner, round_))
             self._record_success(partner, stream, time.monotonic() - accepted)
-            return await self._decode(received), reply.round
+            return await self._decode(received), reply.round, attestation
         except ProtocolError as error:
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
             self._record_failure(partner, error, stream)
@@ -358,14 +363,14 @@ class Gossip:
 
     async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future) -> None:
         """Accepted: the exchange lives while its bytes flow (the search deadline does not cut it)."""
-        accepted = time.monotonic()
-        await stream.send(ExchangeAccept(round=self._round))
+        accepted, round_ = time.monotonic(), self._round
+        await stream.send(ExchangeAccept(round=round_))
         received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.stream.chunk_bytes)
-        await confirm(stream)
+        attestation = await confirm(stream, self.attest(sender, round_))
         self._record_success(sender, stream, time.monotonic() - accepted)
         received = await self._decode(received)
         if not paired.done():
-            paired.set_result((sender, received, their_round))
+            paired.set_result((sender, received, their_round, attestation))
 
     def _validate_request(self, request: ExchangeRequest) -> None:
         """A request for tensors this run does not have is malformed input, not a polite refusal."""

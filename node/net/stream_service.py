@@ -1,6 +1,6 @@
 """Request/reply protocols over p2pd streams: their shared settings, the server side and the client side.
 
-Gossip exchanges (`gossiptrain/exchange/1`), state sync (`gossiptrain/state/1`) and audits
+Gossip exchanges (`gossiptrain/exchange/2`), state sync (`gossiptrain/state/1`) and audits
 (`gossiptrain/audit/1`) run alike (protocol/SPEC.md §1, §7):
  - a stream carries FrameStream frames: control frames (requests, replies, acks) of at most
    MAX_CONTROL_FRAME_BYTES, tensor transfers' frames of at most `max_frame_bytes`; every read and

@@ -115,13 +115,15 @@ def ack_timeout(stream: FrameStream) -> float:
     return stream.io_timeout + min(sent.bytes, IN_FLIGHT_BYTES) / rate
 
 
-async def confirm(stream: FrameStream) -> None:
-    """Swap acks: each side applies the average only once it knows the partner got everything too.
+async def confirm(stream: FrameStream, attestation: bytes = b"") -> bytes:
+    """Swap acks: each side applies the average only once it knows the partner got everything too. Each ack
+    carries its sender's attestation of what it sent (verification on; else empty). Returns the partner's.
     Bounded: our ack within the I/O timeout, the partner's within `ack_timeout`."""
-    await stream.send(ExchangeAck(ok=True, reason=""))
+    await stream.send(ExchangeAck(ok=True, reason="", attestation=attestation))
     ack = await stream.recv(ExchangeAck, timeout=ack_timeout(stream))
     if not ack.ok:
         raise ExchangeAborted(f"partner did not confirm: {ack.reason}")
+    return ack.attestation
 
 
 async def swap_tensors(

@@ -9,7 +9,8 @@ Per round, on every node (protocol/SPEC.md §13; rules in protocol/verification.
    partner's signed commitment exists and its digest matches what arrived; flagged
    peers' tensors are dropped. It then draws the audit lottery with a fresh random
    nonce: if this (partner, round) is sampled it publishes the signed Receipt (nonce
-   included) under `{run}.audits`. The audited peer was bound by its commitment before
+   included, with the partner's attestation of what it sent, given in the exchange's ack)
+   under `{run}.audits`. The audited peer was bound by its commitment before
    the nonce existed, so it could not know whether, or by whom, it would be audited.
 3. audit — every node polls `{run}.audits`; for each sampled (peer, round) it ranks the
    candidates (live peers and itself) by the seed. The top 3 replay the round from the
@@ -54,13 +55,16 @@ from protocol.records import MAX_RECEIPTS, commit_key, receipts_key, votes_key
 from protocol.verification import (
     ACCEPT,
     COMMITTEE_SIZE,
+    MAX_ATTESTATION_SKEW,
     REJECT,
+    Attestation,
     Commitment,
     Comparison,
     InvalidRecord,
     Receipt,
     Tolerances,
     Vote,
+    attestation_is_timely,
     audit_seed,
     committee_ranking,
     compare,
@@ -68,6 +72,7 @@ from protocol.verification import (
     envelope,
     is_sampled,
     open_envelope,
+    receipt_is_current,
     signing_bytes,
     stand_in_rank,
 )
@@ -96,9 +101,11 @@ AUDIT_PROTOCOL = "gossiptrain/audit/1"
 POLL_INTERVAL = 1.0
 MAX_RESERVES = 2
 MAX_AUDITS_PER_POLL = 64  # bounds one poll's work whatever the DHT returns
-# start states are kept for audit_window rounds and at least this long: enough for the receipt
-# of a drawn round to reach the audited peer, which then keeps that state until the audit is over
-RETAIN_MIN_SECONDS = 30.0
+# start states are kept for audit_window rounds and at least this long after the round was committed and after
+# its last attestation: enough for the receipt of a drawn round to reach the audited peer, which then keeps that
+# state until the audit is over. Above MAX_RECEIPT_AGE + MAX_ATTESTATION_SKEW (protocol/verification.py): a receipt
+# older than that is no audit, so an honest peer never has to answer `no_state` to one.
+RETAIN_MIN_SECONDS = 40.0
 
 
 @dataclass(frozen=True)
@@ -250,11 +257,13 @@ class Prepared:
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class RetainedStart:
     tensors: dict[str, np.ndarray]  # the start state (START_TENSORS) and the sent tensors ("sent.<name>")
     digest: str
     created: float
+    theta_digest: str = ""  # of the tensors sent (what our attestations name)
+    attested: float = 0.0  # monotonic time of our last attestation of this round (0: none)
 
 
 class Verification:
@@ -330,7 +339,8 @@ class Verification:
         horizon = self.give_up_seconds
         self._own_audits = {r: seen for r, seen in self._own_audits.items() if now - seen < horizon}
         for old in sorted(self.retained)[: -self.settings.audit_window]:
-            if old not in self._own_audits and now - self.retained[old].created > RETAIN_MIN_SECONDS:
+            retained = self.retained[old]
+            if old not in self._own_audits and now - max(retained.created, retained.attested) > RETAIN_MIN_SECONDS:
                 del self.retained[old]
 
     @property
@@ -354,7 +364,8 @@ class Verification:
             logger.info("round %d was resumed mid-way: its start state is gone, so it is not committed "
                         "and not paired", round_)
             return None
-        self.retained[round_] = RetainedStart(prepared.served, prepared.commitment.start_digest, time.monotonic())
+        self.retained[round_] = RetainedStart(prepared.served, prepared.commitment.start_digest, time.monotonic(),
+                                              prepared.commitment.theta_digest)
         self._prune_retained()
         self.metrics.verify_compute_seconds.inc(prepared.seconds)
         return prepared
@@ -397,8 +408,37 @@ class Verification:
         self._commitments[(peer, round_)] = commitment
         return commitment
 
-    async def accept_update(self, partner: str, partner_round: int, tensors: dict[str, np.ndarray]) -> bool:
-        """May the partner's tensors be applied? Also draws the audit lottery for them."""
+    def attest(self, partner: str, round_: int) -> bytes:
+        """Our signed word to `partner`, at the end of an exchange, on what we sent it for our round `round_`: it
+        travels in our ExchangeAck and the partner's receipt carries its signature. Empty if that round was not
+        committed (then the partner will not apply our tensors anyway). The round's start state is kept at least
+        RETAIN_MIN_SECONDS from now: an audit drawn on this exchange finds it."""
+        retained = self.retained.get(round_)
+        if retained is None or not retained.theta_digest:
+            return b""
+        retained.attested = time.monotonic()
+        attestation = Attestation(self.settings.run_id, self.me, partner, round_, retained.theta_digest,
+                                  get_dht_time())
+        return envelope(attestation, self.identity.sign(signing_bytes(attestation)))
+
+    def _attestation(self, partner: str, partner_round: int, received: str, blob: bytes) -> Attestation | None:
+        """The partner's attestation if it is its, for this exchange (us, its round, the digest that arrived), and
+        made within MAX_ATTESTATION_SKEW of our clock; else None."""
+        try:
+            attestation, signature = open_envelope(blob, Attestation)
+        except InvalidRecord:
+            return None
+        expected = (self.settings.run_id, partner, self.me, partner_round, received)
+        if (attestation.run_id, attestation.sender, attestation.receiver, attestation.round,
+                attestation.theta_digest) != expected or not attestation_is_timely(attestation.time, get_dht_time()):
+            return None
+        return attestation if ident.verify(partner, signing_bytes(attestation), signature) else None
+
+    async def accept_update(self, partner: str, partner_round: int, tensors: dict[str, np.ndarray],
+                            attestation: bytes = b"") -> bool:
+        """May the partner's tensors be applied? Also draws the audit lottery for them. `attestation` is the
+        partner's signed word on what it sent (from its ExchangeAck): without a valid, timely one nothing could
+        ever audit this update, so it is not applied."""
         if partner in self.flagged or partner in self.distrusted:
             self.metrics.updates_refused.labels(reason="flagged").inc()
             logger.warning("dropped the update of flagged peer %s", partner[-8:])
@@ -420,10 +460,18 @@ class Verification:
             logger.error("%s sent tensors that differ from its signed commitment for round %d: not applied, and "
                          "this node will not pair with it again", partner[-8:], partner_round)
             return False
+        attested = self._attestation(partner, partner_round, received, attestation)
+        if attested is None:
+            self.metrics.updates_refused.labels(reason="no_attestation").inc()
+            logger.warning("%s sent no valid attestation of its round %d update (signed, for us, for what arrived, "
+                           "its clock within %.0f s of ours): not applied", partner[-8:], partner_round,
+                           MAX_ATTESTATION_SKEW)
+            return False
         nonce = secrets.token_hex(16)
         seed = audit_seed(self.settings.run_id, partner, partner_round, commitment.digest(), nonce)
         if is_sampled(seed, self.settings.rate):
-            receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce)
+            receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce,
+                              attested.time, self._attestation_signature(attestation))
             self._publish_receipt(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
             logger.info("round %d of %s drawn for audit", partner_round, partner[-8:])
         return True
@@ -499,9 +547,16 @@ class Verification:
         return seeds
 
     def _signed_by_receiver(self, receipt: Receipt, receiver: str, signature: bytes) -> bool:
-        """A receipt of this run, published under its receiver's own entry and signed by it."""
+        """A receipt of this run, published under its receiver's own entry, signed by it, and carrying the
+        sender's attestation of that very exchange (nobody can publish a receipt for an exchange that did not
+        happen: the sender signs at the end of each exchange)."""
         return (receipt.receiver == receiver and receipt.run_id == self.settings.run_id
-                and ident.verify(receiver, signing_bytes(receipt), signature))
+                and ident.verify(receiver, signing_bytes(receipt), signature)
+                and ident.verify(receipt.sender, signing_bytes(receipt.attested()), receipt.attestation))
+
+    @staticmethod
+    def _attestation_signature(blob: bytes) -> bytes:
+        return open_envelope(blob, Attestation)[1]
 
     def _audit_upload_failed(self, incoming: Incoming, error: Exception) -> None:
         self.metrics.audit_uploads.labels(result="failed").inc()
@@ -663,6 +718,11 @@ class Verification:
             if peer == receiver or not self._signed_by_receiver(receipt, receiver, signature):
                 self._ignore(marker)
                 continue
+            if not receipt_is_current(receipt.sent_at, get_dht_time()):
+                # published (or first seen) after the sender may have let the round's state go: not an audit.
+                # (Withholding a genuine receipt and publishing it late cannot get an honest peer flagged.)
+                self._ignore(marker, bad=False)
+                continue
             commitment = await self._commitment(peer, round_)
             if commitment is None or commitment.theta_digest != receipt.theta_digest:
                 continue  # not visible yet (tried again next poll) or a receipt for other tensors
@@ -672,9 +732,10 @@ class Verification:
                 continue
             self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
 
-    def _ignore(self, marker: bytes) -> None:
-        """A bad or undrawn receipt (by the digest of its bytes): counted once, not re-read every pass."""
-        self.metrics.protocol_errors.labels(kind="record").inc()
+    def _ignore(self, marker: bytes, bad: bool = True) -> None:
+        """A bad (counted once) or stale receipt (by the digest of its bytes): not re-read every pass."""
+        if bad:
+            self.metrics.protocol_errors.labels(kind="record").inc()
         if len(self._ignored) > 10_000:
             self._ignored.clear()
         self._ignored.add(marker)

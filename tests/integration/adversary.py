@@ -10,7 +10,9 @@ attacker could send. Its writes come in three flavours:
 
 These are the attacks measured on a validator-less swarm (issue 13): forged departures of every peer,
 a forged run manifest, a plain value over the ready key, plain values with 10-year expirations over
-the next commitment keys, and presences with rounds of 2**64 - 1 and 2**63.
+the next commitment keys, and presences with rounds of 2**64 - 1 and 2**63; and, measured with owner-signed
+records in place, receipts for honest peers' old rounds that no exchange produced (every honest committee
+then met `no_state` and flagged the honest peer within 36 s).
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from protocol.records import Presence, entry_signing_bytes, pack_entry
+from protocol.records import MAX_RECEIPTS, Presence, commit_key, entry_signing_bytes, pack_entry, receipts_key
+from protocol.verification import (
+    Attestation,
+    Commitment,
+    Receipt,
+    audit_seed,
+    envelope,
+    is_sampled,
+    open_envelope,
+    signing_bytes,
+)
 
 from node.bench.fuzz import STARTUP_TIMEOUT, dht_peer
 from node.net.identity import Identity
@@ -126,6 +138,42 @@ class Adversary:
                 await self.store(f"{run_id}.peers", body, get_dht_time() + 60, subkey=victim, mode="forged")
         body = Presence(manifest, 2**63 - 1, None, ("/ip4/127.0.0.1/tcp/9",)).to_wire()
         await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
+
+
+    async def forge_receipts(self, run_id: str, victims: list[str], round_: int, rate: float) -> int:
+        """Receipts as if this adversary had received each victim's θ of `round_`: the digest copied from the
+        victim's public commitment, the nonce ground until the audit lottery draws it, signed by the adversary as
+        receiver (its own subkey of {run}.audits, so the DHT takes it), the sender's attestation signed by the
+        adversary too (it has no other). Returns how many victims' commitments it found to forge from."""
+        try:
+            found = await asyncio.wait_for(self.dht.get(commit_key(run_id, round_), latest=True), 10)
+        except Exception:  # noqa: BLE001 - nothing to forge from this time
+            return 0
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        blobs = []
+        for victim in victims:
+            try:
+                commitment, _ = open_envelope(_signed_value(entries[victim].value), Commitment)
+            except Exception:  # noqa: BLE001 - no (readable) commitment of this victim for that round
+                continue
+            attested = Attestation(run_id, victim, self.peer_id, round_, commitment.theta_digest, get_dht_time())
+            attestation = self.identity.sign(signing_bytes(attested))
+            for grind in range(10_000):
+                nonce = f"{grind:032x}"
+                if is_sampled(audit_seed(run_id, victim, round_, commitment.digest(), nonce), rate):
+                    break
+            receipt = Receipt(run_id, victim, self.peer_id, round_, commitment.theta_digest, nonce,
+                              attested.time, attestation)
+            blobs.append(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
+        if blobs:
+            await self.store(receipts_key(run_id), blobs[:MAX_RECEIPTS], get_dht_time() + 600, mode="own")
+        return len(blobs)
+
+
+def _signed_value(stored: Any) -> Any:
+    """The value inside a signed DHT entry, as a DHT node without a record validator returns it."""
+    entry = msgpack.unpackb(stored, raw=False) if isinstance(stored, bytes) else stored
+    return msgpack.unpackb(entry["v"], raw=False)
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,10 @@ Measured on a validator-less swarm (issue 13): forged departures dropped paired 
 full sync deadline; plain values over the next 300 commitment keys (10-year expiry) blocked every
 commitment (0 paired rounds); a presence with round 2**64 - 1 crashed every honest node (exit 1).
 
+With owner-signed records in place, receipts of honest peers' old rounds that no exchange produced (the
+commitment digest copied, the nonce ground until drawn) still got an honest peer flagged in 36 s: its
+committee met `no_state`. A receipt now needs the sender's attestation, given only in an exchange.
+
 Here two 3-node swarms run side by side (same machine load): one attack-free (the baseline), one while
 the adversary repeats all of these attacks at once. Over the same window the attacked swarm's
 paired-round rate must stay within 10% of the baseline's, no node may crash, flag an honest peer or
@@ -36,8 +40,9 @@ from tests.integration.conftest import TINY, poll, rounds_done
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # the first test starts both swarms
 
 RUN = "gossiptrain-default"
+VERIFY_RATE = 0.25
 ARGS = TINY + ["--inner-steps", "5", "--sync-timeout", "3", "--io-timeout", "2", "--seed", "13",
-               "--verify-rate", "0.25", "--vote-timeout", "20"]
+               "--verify-rate", str(VERIFY_RATE), "--vote-timeout", "20"]
 WARM_ROUNDS = 3  # every node has paired before the window opens
 WINDOW = 35.0  # seconds over which the paired-round rate is measured
 ATTACK_EVERY = 3.0
@@ -95,6 +100,7 @@ class Run:
     logs: list[str] = field(default_factory=list)
     joiner: dict = field(default_factory=dict)
     attacks: int = 0
+    receipts_forged: int = 0  # receipts naming an honest peer's round, stored by the adversary
 
     @property
     def rate(self) -> float:
@@ -140,8 +146,9 @@ def finish(swarm: LocalSwarm, run: Run) -> None:
     run.logs = [node.log_path.read_text(errors="replace") for node in measured]
 
 
-async def attack_waves(evil, swarm: LocalSwarm, run: Run) -> None:
-    """Every measured attack, over and over (cancelled when the window closes)."""
+async def attack_waves(evil, swarm: LocalSwarm, run: Run, old_round: int) -> None:
+    """Every measured attack, over and over (cancelled when the window closes). The forged receipts name the
+    victims' `old_round`, committed before the window: its start state is let go within it."""
     victims = [node.status["peer_id"] for node in swarm.nodes[:3]]
     manifest = swarm.nodes[0].status["manifest"]
     while True:
@@ -149,6 +156,7 @@ async def attack_waves(evil, swarm: LocalSwarm, run: Run) -> None:
         await evil.forge_manifest(RUN, victims, FAKE_MANIFEST)
         await evil.plain_ready(RUN)
         await evil.absurd_rounds(RUN, manifest, victims)
+        run.receipts_forged += await evil.forge_receipts(RUN, victims, old_round, VERIFY_RATE)
         run.attacks += 1
         await asyncio.sleep(ATTACK_EVERY)
 
@@ -164,7 +172,7 @@ async def attack_and_measure(clean: LocalSwarm, attacked: LocalSwarm, runs: dict
         await asyncio.sleep(SETTLE)
         before = {name: await asyncio.to_thread(counts, swarm)
                   for name, swarm in (("baseline", clean), ("attacked", attacked))}
-        waves = asyncio.create_task(attack_waves(evil, attacked, runs["attacked"]))
+        waves = asyncio.create_task(attack_waves(evil, attacked, runs["attacked"], max(1, first_round - 1)))
         await asyncio.sleep(WINDOW)
         after = {name: await asyncio.to_thread(counts, swarm)
                  for name, swarm in (("baseline", clean), ("attacked", attacked))}
@@ -236,6 +244,7 @@ def test_no_node_crashed_and_each_left_cleanly(baseline, attacked):
 
 
 def test_no_honest_node_flagged_and_no_peer_evicted(attacked):
+    assert attacked.receipts_forged >= 2  # receipts drawn for audit, naming honest peers, were in the DHT
     assert attacked.flagged == [0, 0, 0]
     assert all("FLAGGED" not in log for log in attacked.logs)
     assert all(live >= 2 for live in attacked.peers_live), attacked.peers_live  # forged departures evicted nobody

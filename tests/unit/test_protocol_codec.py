@@ -160,15 +160,15 @@ def test_message_classes_cover_every_message_type() -> None:
 def test_spec_worked_example_bytes_are_exact() -> None:
     # Kept in sync with the worked example in protocol/SPEC.md.
     frame = encode_frame(encode_message(ExchangeAccept(round=7)))
-    assert frame.hex(" ") == "00 00 00 0e 83 a1 76 01 a1 74 02 a5 72 6f 75 6e 64 07"
+    assert frame.hex(" ") == "00 00 00 0e 83 a1 76 02 a1 74 02 a5 72 6f 75 6e 64 07"
     chunk = encode_frame(encode_message(TensorChunk(index=0, data=bytes.fromhex("0000803f"))))
     assert chunk.hex(" ") == (
-        "00 00 00 19 84 a1 76 01 a1 74 05 a5 69 6e 64 65 78 00 a4 64 61 74 61 c4 04 00 00 80 3f"
+        "00 00 00 19 84 a1 76 02 a1 74 05 a5 69 6e 64 65 78 00 a4 64 61 74 61 c4 04 00 00 80 3f"
     )
 
 
 def test_decoded_sequences_are_tuples() -> None:
-    msg = decode_message(pack({"v": 1, "t": 4, "name": "theta", "dtype": "float32",
+    msg = decode_message(pack({"v": PROTOCOL_VERSION, "t": 4, "name": "theta", "dtype": "float32",
                                "shape": [2, 3], "chunk_bytes": 8, "num_chunks": 3}))
     assert isinstance(msg, TensorHeader)
     assert msg.shape == (2, 3)
@@ -228,7 +228,7 @@ def test_decode_of_mutated_maps_raises_only_protocol_errors(
     assert encode_message(decoded)  # anything accepted is itself valid to send
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, 2**64 - 1, "1", 1.0, True, None, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, -1, 2**64 - 1, "1", 1.0, True, None, [1]])
 def test_decode_refuses_wrong_version(version: Any) -> None:
     raw = raw_map(ExchangeAccept(round=1))
     raw["v"] = version
@@ -245,13 +245,13 @@ def test_decode_refuses_missing_version() -> None:
 @pytest.mark.parametrize("tag", [max(MessageType) + 1, 99, -1, "2", 2.0, True, None])
 def test_decode_refuses_unknown_type(tag: Any) -> None:
     with pytest.raises(UnknownMessageType) as info:
-        decode_message(pack({"v": 1, "t": tag, "round": 1}))
+        decode_message(pack({"v": PROTOCOL_VERSION, "t": tag, "round": 1}))
     assert info.value.kind == "type"
 
 
 def test_decode_refuses_missing_type() -> None:
     with pytest.raises(UnknownMessageType):
-        decode_message(pack({"v": 1, "round": 1}))
+        decode_message(pack({"v": PROTOCOL_VERSION, "round": 1}))
 
 
 @pytest.mark.parametrize(
@@ -262,8 +262,8 @@ def test_decode_refuses_missing_type() -> None:
         pack([1, 2, 3]),
         pack("a string"),
         pack(7),
-        pack({"v": 1, "t": 2, "round": 1}) + b"\x00",  # trailing bytes
-        pack({"v": 1, "t": 2, "round": 1})[:-1],  # truncated
+        pack({"v": PROTOCOL_VERSION, "t": 2, "round": 1}) + b"\x00",  # trailing bytes
+        pack({"v": PROTOCOL_VERSION, "t": 2, "round": 1})[:-1],  # truncated
         pack({1: 1, "t": 2}),  # non-string key
         b"\x81\xa1v\xa2\xff\xfe",  # invalid UTF-8 string
         b"\x91" * 5000 + b"\xc0",  # absurdly nested arrays
@@ -420,7 +420,7 @@ def test_round_of_2_pow_63_is_refused_on_the_wire(msg: Message) -> None:
 def test_records_and_wire_share_the_round_bound() -> None:
     from protocol.verification import InvalidRecord, Receipt
 
-    good = Receipt("run", "a", "b", 2**63 - 1, "cd" * 32, "ef" * 16)
+    good = Receipt("run", "a", "b", 2**63 - 1, "cd" * 32, "ef" * 16, 1.5e9, b"att")
     assert Receipt.from_wire(good.to_wire()) == good
     with pytest.raises(InvalidRecord, match="'round' must be at most") as info:
         Receipt.from_wire({**good.to_wire(), "round": 2**63})

@@ -113,9 +113,9 @@ def test_donor_rejects_round_trip(reason: str) -> None:
 def test_state_request_and_offer_round_trip() -> None:
     for msg in (_request(), _offer(), _offer(tensors=(), numel=0)):
         assert decode_message(encode_message(msg)) == msg
-    assert raw_map(_request()) == {"v": 1, "t": 8, "run_id": "run-1", "manifest_hash": HASH,
+    assert raw_map(_request()) == {"v": protocol.PROTOCOL_VERSION, "t": 8, "run_id": "run-1", "manifest_hash": HASH,
                                    "sender": "12D3KooWpeer"}
-    assert raw_map(_offer()) == {"v": 1, "t": 9, "round": 42, "global_step": 21000,
+    assert raw_map(_offer()) == {"v": protocol.PROTOCOL_VERSION, "t": 9, "round": 42, "global_step": 21000,
                                  "manifest_hash": HASH, "tensors": ["phi", "momentum"],
                                  "numel": 1000, "dtype": "float32"}
 

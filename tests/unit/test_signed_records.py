@@ -171,7 +171,7 @@ def commitment_blob(author: Identity, round_: int, peer: str | None = None, run:
 
 
 def receipt_blob(receiver: Identity, sender: str, round_: int = 5) -> bytes:
-    receipt = Receipt(RUN, sender, receiver.peer_id, round_, "cd" * 32, "00" * 16)
+    receipt = Receipt(RUN, sender, receiver.peer_id, round_, "cd" * 32, "00" * 16, 1.5e9, b"sender's signature")
     return envelope(receipt, receiver.sign(signing_bytes(receipt)))
 
 

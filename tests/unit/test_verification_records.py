@@ -3,9 +3,15 @@
 import asyncio
 import types
 
+import numpy as np
+from hivemind.utils import get_dht_time
+
 from protocol.verification import (
     ACCEPT,
+    MAX_ATTESTATION_SKEW,
+    MAX_RECEIPT_AGE,
     REJECT,
+    Attestation,
     Commitment,
     Receipt,
     Tolerances,
@@ -14,14 +20,17 @@ from protocol.verification import (
     audit_seed,
     committee_ranking,
     envelope,
+    open_envelope,
     signing_bytes,
 )
 
 from node.metrics import NodeMetrics
+from node.net import identity as ident
 from node.net.identity import Identity
 from node.net.stream_service import StreamSettings
 from node.tasks import BackgroundTasks
-from node.verify.service import Verification, VerifySettings
+from node.verify.replay import sent_digest
+from node.verify.service import RetainedStart, Verification, VerifySettings
 
 RUN = "run"
 
@@ -64,8 +73,13 @@ def setup():
     return peers, membership, verification, commitment
 
 
-def receipt_from(receiver: Identity, audited: Identity, nonce: str = "00" * 16) -> Receipt:
-    return Receipt(RUN, audited.peer_id, receiver.peer_id, 5, "cd" * 32, nonce)
+def receipt_from(receiver: Identity, audited: Identity, nonce: str = "00" * 16, round_: int = 5,
+                 sent_at: float | None = None, attested_by: Identity | None = None) -> Receipt:
+    """`receiver`'s receipt of `audited`'s round, carrying the attestation `audited` (or `attested_by`) signed."""
+    sent_at = get_dht_time() if sent_at is None else sent_at
+    attested = Attestation(RUN, audited.peer_id, receiver.peer_id, round_, "cd" * 32, sent_at)
+    signature = (attested_by or audited).sign(signing_bytes(attested))
+    return Receipt(RUN, audited.peer_id, receiver.peer_id, round_, "cd" * 32, nonce, sent_at, signature)
 
 
 def receipts(*blobs: bytes) -> types.SimpleNamespace:
@@ -138,7 +152,110 @@ def test_receipts_that_do_not_check_out_are_ignored_once():
 def test_our_own_drawn_rounds_are_kept_for_the_audit():
     peers, membership, verification, _ = setup()
     me = peers["E"]
-    receipt = Receipt(RUN, me.peer_id, peers["B"].peer_id, 9, "cd" * 32, "00" * 16)
+    receipt = receipt_from(peers["B"], me, round_=9)
     membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt))}
     asyncio.run(verification._discover())
     assert 9 in verification._own_audits and not verification.audits
+
+
+# ----------------------------------------------------------------------------- receipts co-signed by the sender
+def test_a_receipt_the_audited_peer_never_attested_is_no_audit():
+    """The forged-receipt attack: any identity publishes a receipt naming an honest peer's old round (its commitment
+    is public), grinds the nonce until the lottery draws it, and the honest peer, long past that state, answers
+    `no_state` to the committee: flagged. A receipt now needs the sender's signature, given only in an exchange."""
+    peers, membership, verification, _ = setup()
+    audited, stranger = peers["A"], peers["D"]
+    forged = receipt_from(stranger, audited, attested_by=stranger)  # the stranger signs in the sender's place
+    membership.store[f"{RUN}.audits"] = {stranger.peer_id: receipts(signed(stranger, forged))}
+    for _ in range(2):
+        asyncio.run(verification._discover())
+    assert not verification.audits
+    errors = verification.metrics.registry.get_sample_value("gossiptrain_protocol_errors_total", {"kind": "record"})
+    assert errors == 1
+
+
+def test_a_receipt_published_after_the_sender_may_have_let_the_state_go_is_no_audit():
+    """A genuine receipt withheld and published late (or a backdated one) is not an audit: no vote, no flag."""
+    peers, membership, verification, _ = setup()
+    audited = peers["A"]
+    late = receipt_from(peers["B"], audited, sent_at=get_dht_time() - MAX_RECEIPT_AGE - 1)
+    future = receipt_from(peers["C"], audited, sent_at=get_dht_time() + MAX_ATTESTATION_SKEW + 5)
+    membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], late)),
+                                         peers["C"].peer_id: receipts(signed(peers["C"], future))}
+    asyncio.run(verification._discover())
+    assert not verification.audits
+    assert not verification.metrics.registry.get_sample_value("gossiptrain_protocol_errors_total", {"kind": "record"})
+    # the same receipt, fresh, is an audit
+    membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt_from(peers["B"], audited)))}
+    asyncio.run(verification._discover())
+    assert (audited.peer_id, 5) in verification.audits
+
+
+def exchange_setup():
+    """We (E) received `tensors` from A for its round 5, whose signed commitment names their digest."""
+    peers, membership, verification, _ = setup()
+    audited = peers["A"]
+    tensors = {"theta": np.arange(8, dtype=np.float32)}
+    commitment = Commitment(RUN, audited.peer_id, 5, "ab" * 32, sent_digest(tensors), "{}", 10, 4,
+                            UpdateSignature(b"\x01" * 32, (1.0,), 1.0))
+    membership.store[f"{RUN}.commit.5"] = {audited.peer_id: types.SimpleNamespace(value=signed(audited, commitment))}
+    verification.settings = VerifySettings(verification.settings.stream, 4, 1.0,  # rate 1: every update drawn
+                                           Tolerances(0.08, 0.1, 1.02), 10.0, 3, 3600.0, 7)
+    return peers, membership, verification, tensors, commitment
+
+
+def attestation_of(sender: Identity, receiver: Identity, digest: str, at: float | None = None, round_: int = 5,
+                   signer: Identity | None = None) -> bytes:
+    attested = Attestation(RUN, sender.peer_id, receiver.peer_id, round_, digest, get_dht_time() if at is None else at)
+    return signed(signer or sender, attested)
+
+
+def refused(verification: Verification, reason: str) -> float:
+    return verification.metrics.registry.get_sample_value("gossiptrain_updates_refused_total", {"reason": reason})
+
+
+def test_an_update_comes_with_its_senders_attestation_and_the_receipt_carries_it():
+    peers, membership, verification, tensors, commitment = exchange_setup()
+    sender, me = peers["A"], peers["E"]
+    bad = {
+        "missing": b"",
+        "signed by another": attestation_of(sender, me, commitment.theta_digest, signer=peers["B"]),
+        "for another receiver": attestation_of(sender, peers["B"], commitment.theta_digest),
+        "for other tensors": attestation_of(sender, me, "ee" * 32),
+        "for another round": attestation_of(sender, me, commitment.theta_digest, round_=4),
+        "clock too far behind": attestation_of(sender, me, commitment.theta_digest,
+                                               at=get_dht_time() - MAX_ATTESTATION_SKEW - 2),
+        "garbage": b"\x93\x01",
+    }
+
+    async def receive(blob: bytes) -> bool:
+        accepted = await verification.accept_update(sender.peer_id, 5, tensors, blob)
+        for _ in range(3):  # the receipt is stored in the background
+            await asyncio.sleep(0)
+        return accepted
+
+    for what, blob in bad.items():
+        assert not asyncio.run(receive(blob)), what
+    assert refused(verification, "no_attestation") == len(bad)
+    assert f"{RUN}.audits" not in membership.store  # nothing to audit was published
+
+    assert asyncio.run(receive(attestation_of(sender, me, commitment.theta_digest)))
+    (blob,) = membership.store[f"{RUN}.audits"][me.peer_id].value
+    receipt, signature = open_envelope(blob, Receipt)
+    assert verification._signed_by_receiver(receipt, me.peer_id, signature)  # ours, and co-signed by the sender
+
+
+def test_we_attest_only_rounds_we_committed_and_keep_their_state_for_the_receipt():
+    peers, _, verification, _ = setup()
+    me, partner = peers["E"], peers["B"]
+    assert verification.attest(partner.peer_id, 7) == b""  # not committed: nothing to attest
+    verification.retained[7] = RetainedStart({}, "ab" * 32, created=0.0, theta_digest="cd" * 32)
+    attested, signature = open_envelope(verification.attest(partner.peer_id, 7), Attestation)
+    assert (attested.sender, attested.receiver, attested.round, attested.theta_digest) == (
+        me.peer_id, partner.peer_id, 7, "cd" * 32)
+    assert ident.verify(me.peer_id, signing_bytes(attested), signature)
+    # made long ago but attested just now: kept past the audit window, until no receipt of it can be current
+    for later in range(8, 14):
+        verification.retained[later] = RetainedStart({}, "ab" * 32, created=0.0)
+    verification._prune_retained()
+    assert 7 in verification.retained and 8 not in verification.retained

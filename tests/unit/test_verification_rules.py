@@ -74,7 +74,7 @@ def test_compare_sees_direction_scale_and_norm():
 
 @pytest.mark.parametrize("record", [
     commitment(),
-    Receipt("run", "peerA", "peerB", 7, "cd" * 32, "ef" * 16),
+    Receipt("run", "peerA", "peerB", 7, "cd" * 32, "ef" * 16, 1.5e9, b"sender's signature"),
     Vote("run", "peerA", 7, "peerC", REJECT, "exceeds rel_l2", 0.01, 0.9, 1.0),
 ])
 def test_envelope_round_trip_and_signed_bytes(record):
@@ -95,7 +95,7 @@ def test_signed_bytes_cover_every_field():
 
 @pytest.mark.parametrize("blob", [
     b"\xc1", b"", 5, b"\x80",
-    envelope(Receipt("run", "a", "b", 1, "cd" * 32, "ef" * 16), b"s"),  # wrong kind for a Vote
+    envelope(Receipt("run", "a", "b", 1, "cd" * 32, "ef" * 16, 1.5e9, b"att"), b"s"),  # wrong kind for a Vote
     envelope(Vote("run", "a", 1, "c", ACCEPT, "", 0.0, 0.0, 1.0), b""),  # empty signature
     b"\x00" * 20_000,
 ])
