@@ -223,11 +223,13 @@ class Node:
             self.gossip.excluded = self.verification.excluded
             self.gossip.attest = self.verification.attest
         if self.fault is not None:
-            logger.warning("TEST FAULT INJECTION ENABLED (%s): this node sends corrupted updates", self.fault)
+            logger.warning("TEST FAULT INJECTION ENABLED (%s): this node %s", self.fault,
+                           "serves joiners a poisoned state" if self.fault.poisons_state else "sends corrupted updates")
         self.membership.on_view_change = self._on_view_change
         self.membership.presence_extra = self._presence_extra
+        update_fault = self.fault if self.fault is not None and not self.fault.poisons_state else None
         self.rounds = Rounds(cfg, self.trainer, self.gossip, self.verification, self.membership, self.metrics,
-                             self._compute, self.progress, self.fault, digest)
+                             self._compute, self.progress, update_fault, digest)
         self.joiner = Joiner(cfg, self.p2p, self.membership, self.metrics, self.trainer, self._compute,
                              self.state_settings, self.manifest_hash, self.files.checkpoint_dir, self.stop_event,
                              random.Random(digest))
@@ -331,7 +333,10 @@ class Node:
         if self._donor is None:
             return None
         round_, boundary = self._donor
-        return DonorState(round_, boundary.global_step, boundary.slow, boundary.momentum)
+        slow = boundary.slow
+        if self.fault is not None and self.fault.poisons_state:  # test-only: node/verify/faults.py
+            slow = self.fault.poison(slow, seed=round_)
+        return DonorState(round_, boundary.global_step, slow, boundary.momentum)
 
     def _on_view_change(self, joined: set[str], left: set[str]) -> None:
         self.peers_seen.update(joined)  # every peer ever in the view, not only those a heartbeat happened to see

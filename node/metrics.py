@@ -91,6 +91,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "Duration of this node's state download when it joined"),
     MetricSpec("state_sync_bytes", Counter, "gossiptrain_state_sync_bytes",
                "Tensor bytes of state downloaded from donors on join"),
+    MetricSpec("states_refused", Counter, "gossiptrain_states_refused",
+               "Donor states downloaded on join but not adopted: held-out loss far above what the live peers report"),
     MetricSpec("state_uploads", Counter, "gossiptrain_state_uploads", "State requests served to joiners, by result",
                ("result",), zeros=("ok", "refused", "failed")),
     MetricSpec("audit_uploads", Counter, "gossiptrain_audit_uploads",
@@ -167,6 +169,7 @@ class NodeMetrics:
     partner_distance: Gauge
     state_sync_seconds: Gauge
     state_sync_bytes: Counter
+    states_refused: Counter
     state_uploads: Counter
     audit_uploads: Counter
     start_mode: Gauge

@@ -1,4 +1,5 @@
-"""Pure start-up decisions: resume, re-sync or start fresh; and which donors to ask, in what order.
+"""Pure start-up decisions: resume, re-sync or start fresh; which donors to ask, in what order; whether a
+downloaded state may be adopted.
 
 Plain values in, plain values out (the daemon gathers the facts: its newest readable
 checkpoint and the live view of the swarm), so the rules are tested without a network.
@@ -6,8 +7,9 @@ checkpoint and the live view of the swarm), so the rules are tested without a ne
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from enum import Enum
 
 from node.gossip.pairing import supported_round
@@ -61,3 +63,27 @@ def donor_order(live: Mapping[str, int], max_staleness: int, rng: random.Random)
     rng.shuffle(near)
     rng.shuffle(far)
     return near + far
+
+
+# A donor's state is adopted only if its held-out loss is at most this far above the median the live peers report
+# (each signs its own presence, with the loss of its φ on the same held-out set): honest states differ by a few
+# hundredths; a poisoned one (a random φ: loss ~ln(vocab) or far worse) by whole units.
+STATE_LOSS_SLACK = 0.5
+STATE_LOSS_SLACK_RATIO = 0.25
+
+
+def state_problem(loss: float, reported: Iterable[float]) -> str | None:
+    """Why a downloaded state must not be adopted (None: it may be): a held-out loss that is not finite, or above
+    the median of the losses the live peers report by more than max(STATE_LOSS_SLACK, STATE_LOSS_SLACK_RATIO ×
+    median). No finite report: nothing to judge by, so only finiteness is checked. Peers that lie about their
+    loss move the median only if they are half the view."""
+    if not math.isfinite(loss):
+        return f"held-out loss {loss} is not finite"
+    losses = sorted(x for x in reported if math.isfinite(x))
+    if not losses:
+        return None
+    typical = losses[(len(losses) - 1) // 2]
+    bound = typical + max(STATE_LOSS_SLACK, STATE_LOSS_SLACK_RATIO * abs(typical))
+    if loss > bound:
+        return f"held-out loss {loss:.3f} is far above the swarm's (median reported {typical:.3f}, bound {bound:.3f})"
+    return None

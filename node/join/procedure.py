@@ -21,7 +21,7 @@ from protocol.records import MAX_ROUND
 
 from node.config import NodeConfig
 from node.gossip.pairing import catch_up_step, supported_round
-from node.join.plan import StartMode, donor_order, plan_start
+from node.join.plan import StartMode, donor_order, plan_start, state_problem
 from node.join.statesync import StateSyncError, StateSyncSettings, download_state
 from node.metrics import NodeMetrics
 from node.net.membership import Membership
@@ -129,6 +129,13 @@ class Joiner:
             except TimeoutError:
                 pass
 
+    async def _vet(self, received: dict[str, Any]) -> str | None:
+        """Why a donor's state must not be adopted (None: adopt it): its φ's held-out loss against the losses the
+        live peers report (a poisoning donor's random φ is whole units worse; node/join/plan.py state_problem)."""
+        loss = await self.compute(self.trainer.heldout_loss_of, received["phi"])
+        reported = [peer.eval_loss for peer in self.membership.live.values() if peer.eval_loss is not None]
+        return state_problem(loss, reported)
+
     async def _sync_from_donors(self) -> tuple[int, str] | None:
         """Download and adopt the swarm's state: (round, detail), or None if a stop came first. Raises StateSyncError."""
         async def donors() -> list[str]:
@@ -136,7 +143,7 @@ class Joiner:
             return donor_order({p: r.round for p, r in self.membership.live.items()}, self.cfg.max_staleness, self.rng)
 
         download = asyncio.ensure_future(download_state(
-            self.p2p, self.state_settings, self.metrics, donors, self.cfg.state_sync_timeout))
+            self.p2p, self.state_settings, self.metrics, donors, self.cfg.state_sync_timeout, self._vet))
         stopped = asyncio.ensure_future(self.stop_event.wait())
         try:
             await asyncio.wait({download, stopped}, return_when=asyncio.FIRST_COMPLETED)

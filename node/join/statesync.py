@@ -14,7 +14,9 @@ refuses the rest as busy. An upload lives while its bytes flow: a joiner that st
 slower than the minimum transfer rate loses its slot after about one I/O timeout.
 
 Joiner side: the receive buffers are allocated once and every chunk is written
-straight into them (the state is never held twice). Each read is bounded by the I/O
+straight into them (the state is never held twice). A state that arrived is vetted before it is
+adopted (the joiner's held-out loss check, node/join/procedure.py); a refused one is counted and
+the next donor is tried, and that donor is not asked again. Each read is bounded by the I/O
 timeout, so a donor that dies or stalls mid-transfer costs at most that before the
 joiner moves on to the next donor; the whole download is bounded by its own deadline.
 """
@@ -187,10 +189,12 @@ async def download_state(
     metrics: NodeMetrics,
     donors: Callable[[], Awaitable[list[str]]],
     timeout: float,
+    vet: Callable[[dict[str, np.ndarray]], Awaitable[str | None]] | None = None,
 ) -> SyncedState:
-    """Download φ and δ from the first donor that delivers; `donors()` gives the order to try.
+    """Download φ and δ from the first donor that delivers a state `vet` passes; `donors()` gives the order to try.
 
-    Donors are tried one by one, and the list is re-read for each pass, until the deadline.
+    Donors are tried one by one, and the list is re-read for each pass, until the deadline. `vet` returns why a
+    delivered state must not be adopted (None: adopt it); such a donor is not asked again.
     Raises StateSyncError with every attempt's outcome if none delivered in time.
     """
     me = p2p.peer_id.to_base58()
@@ -199,9 +203,10 @@ async def download_state(
     nbytes = settings.numel * 4
     buffers = {name: bytearray(nbytes) for name in STATE_TENSORS}  # reused across donors: held once
     attempts: list[tuple[str, str]] = []
+    refused: set[str] = set()  # donors whose state failed `vet`
     for _pass in range(10_000):  # bounded by the deadline long before this
         candidates = await asyncio.wait_for(donors(), max(0.1, deadline - time.monotonic()))
-        for donor in candidates:
+        for donor in (d for d in candidates if d not in refused):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -217,9 +222,15 @@ async def download_state(
             except Exception as error:  # noqa: BLE001 - dead, frozen or unreachable donor: try the next
                 attempts.append((donor, f"{type(error).__name__}: {error}"))
             else:
-                seconds = time.monotonic() - started
-                return SyncedState(donor, offer.round, offer.global_step, received["phi"], received["momentum"],
-                                   seconds, 2 * nbytes, attempts)
+                problem = None if vet is None else await vet(received)
+                if problem is None:
+                    seconds = time.monotonic() - started
+                    return SyncedState(donor, offer.round, offer.global_step, received["phi"], received["momentum"],
+                                       seconds, 2 * nbytes, attempts)
+                refused.add(donor)
+                metrics.states_refused.inc()
+                attempts.append((donor, f"state refused: {problem}"))
+                logger.warning("state from %s refused: %s", donor[-8:], problem)
             logger.info("state sync from %s failed (%s); trying the next donor", donor[-8:], attempts[-1][1])
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -263,14 +263,23 @@ class Trainer:
         return RoundStats(len(losses), float(values.mean()), tokens, time.perf_counter() - started,
                           tuple(values.tolist()))
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss of the slow weights φ on the shared held-out set."""
+        return self.heldout_loss_of(self.slow_weights)
+
+    @torch.no_grad()
+    def heldout_loss_of(self, weights: torch.Tensor | np.ndarray) -> float:
+        """Mean held-out loss of flat `weights` (φ, or a donor's φ before it is adopted); θ is left as it was."""
+        if isinstance(weights, np.ndarray):
+            weights = torch.from_numpy(weights)
+        self._check_numel(weights)
         fast = self._fast_vector()  # a copy
-        self._load_parameters(self.slow_weights)
-        self.model.eval()
-        total = sum(float(self.model.loss(x.to(self.device), y.to(self.device))) for x, y in self.heldout)
-        self._load_parameters(fast)
+        try:
+            self._load_parameters(weights.to(self.device))
+            self.model.eval()
+            total = sum(float(self.model.loss(x.to(self.device), y.to(self.device))) for x, y in self.heldout)
+        finally:
+            self._load_parameters(fast)
         return total / len(self.heldout)
 
     def outgoing_tensors(self) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ FAULT_ACK = "this-node-cheats-for-a-test"
 
 # attacks on the update tensor; the benchmark adds the ones that change the training itself
 TENSOR_ATTACKS = ("noise", "scale", "sign_flip", "zero", "random")
+# a donor that serves joiners a poisoned φ (a random direction, `strength` × ‖φ‖; default 10) and trains honestly
+STATE_ATTACKS = ("poison_state",)
 
 
 class FaultConfigError(ValueError):
@@ -43,6 +46,17 @@ class Fault:
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.strength:g}" + ("+hide" if self.hide else "")
+
+    @property
+    def poisons_state(self) -> bool:
+        """A state attack (what a donor serves joiners), not an attack on the exchanged update."""
+        return self.kind in STATE_ATTACKS
+
+    def poison(self, slow: np.ndarray, seed: int) -> np.ndarray:
+        """The φ a poisoning donor serves instead of `slow`: a random direction of `strength` × ‖φ‖."""
+        noise = np.random.default_rng(seed).standard_normal(slow.shape).astype(np.float32)
+        noise *= self.strength * float(np.linalg.norm(slow)) / max(float(np.linalg.norm(noise)), 1e-12)
+        return noise
 
     def apply(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The cheater's update in place of the honest Δ (a new tensor)."""
@@ -69,10 +83,11 @@ def parse_fault(text: str) -> Fault:
     """`kind[:strength][+hide]`, e.g. `sign_flip`, `noise:0.5`, `scale:2+hide`."""
     text, hide = (text[: -len("+hide")], True) if text.endswith("+hide") else (text, False)
     kind, _, strength = text.partition(":")
-    if kind not in TENSOR_ATTACKS:
-        raise FaultConfigError(f"{FAULT_ENV}={text!r}: attack must be one of {', '.join(TENSOR_ATTACKS)}")
+    if kind not in TENSOR_ATTACKS + STATE_ATTACKS:
+        raise FaultConfigError(f"{FAULT_ENV}={text!r}: attack must be one of "
+                               f"{', '.join(TENSOR_ATTACKS + STATE_ATTACKS)}")
     try:
-        value = float(strength) if strength else 1.0
+        value = float(strength) if strength else (10.0 if kind in STATE_ATTACKS else 1.0)
     except ValueError:
         raise FaultConfigError(f"{FAULT_ENV}={text!r}: strength must be a number") from None
     return Fault(kind, value, hide)

@@ -140,15 +140,24 @@ class Adversary:
         await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
 
 
-    async def forge_receipts(self, run_id: str, victims: list[str], round_: int, rate: float) -> int:
-        """Receipts as if this adversary had received each victim's θ of `round_`: the digest copied from the
-        victim's public commitment, the nonce ground until the audit lottery draws it, signed by the adversary as
-        receiver (its own subkey of {run}.audits, so the DHT takes it), the sender's attestation signed by the
-        adversary too (it has no other). Returns how many victims' commitments it found to forge from."""
+    async def forge_receipts(self, run_id: str, victims: list[str], rounds: list[int], rate: float) -> int:
+        """Receipts as if this adversary had received each victim's θ of each of `rounds`: the digest copied from
+        the victim's public commitment, the nonce ground until the audit lottery draws it, signed by the adversary
+        as receiver (its own subkey of {run}.audits, so the DHT takes it: one store, at most MAX_RECEIPTS), the
+        sender's attestation signed by the adversary too (it has no other). Returns how many it stored."""
+        blobs = []
+        for round_ in rounds:
+            blobs += await self._forged_receipts(run_id, victims, round_, rate)
+        blobs = blobs[:MAX_RECEIPTS]
+        if blobs:
+            await self.store(receipts_key(run_id), blobs, get_dht_time() + 600, mode="own")
+        return len(blobs)
+
+    async def _forged_receipts(self, run_id: str, victims: list[str], round_: int, rate: float) -> list[bytes]:
         try:
             found = await asyncio.wait_for(self.dht.get(commit_key(run_id, round_), latest=True), 10)
         except Exception:  # noqa: BLE001 - nothing to forge from this time
-            return 0
+            return []
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         blobs = []
         for victim in victims:
@@ -165,9 +174,7 @@ class Adversary:
             receipt = Receipt(run_id, victim, self.peer_id, round_, commitment.theta_digest, nonce,
                               attested.time, attestation)
             blobs.append(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
-        if blobs:
-            await self.store(receipts_key(run_id), blobs[:MAX_RECEIPTS], get_dht_time() + 600, mode="own")
-        return len(blobs)
+        return blobs
 
 
 def _signed_value(stored: Any) -> Any:

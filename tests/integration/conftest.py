@@ -64,8 +64,8 @@ def stop(process: subprocess.Popen, timeout: float) -> str:
 def make_swarm(tmp_path):
     swarms: list[LocalSwarm] = []
 
-    def factory(num_nodes: int, node_args: list[str], name: str = "swarm") -> LocalSwarm:
-        swarm = LocalSwarm(num_nodes, tmp_path / name, node_args)
+    def factory(num_nodes: int, node_args: list[str], name: str = "swarm", **options) -> LocalSwarm:
+        swarm = LocalSwarm(num_nodes, tmp_path / name, node_args, **options)
         swarms.append(swarm)
         return swarm
 

@@ -156,7 +156,7 @@ async def attack_waves(evil, swarm: LocalSwarm, run: Run, old_round: int) -> Non
         await evil.forge_manifest(RUN, victims, FAKE_MANIFEST)
         await evil.plain_ready(RUN)
         await evil.absurd_rounds(RUN, manifest, victims)
-        run.receipts_forged += await evil.forge_receipts(RUN, victims, old_round, VERIFY_RATE)
+        run.receipts_forged += await evil.forge_receipts(RUN, victims, [old_round], VERIFY_RATE)
         run.attacks += 1
         await asyncio.sleep(ATTACK_EVERY)
 

@@ -158,6 +158,38 @@ async def test_simultaneous_joiners_are_spread_over_donors():
     assert any("refused: busy" in outcome for r in results for _d, outcome in r.attempts)
 
 
+async def test_a_state_that_fails_the_joiners_vetting_is_not_adopted_and_its_donor_not_asked_again():
+    """The joiner vets each delivered state before adopting it (node/join/procedure.py: its held-out loss); here the
+    vetting is a norm bound, standing in for the loss, so the test is about what download_state does with a no."""
+    honest = make_state(SETTINGS, seed=5)
+    poisoned = DonorState(honest.round, 1234, 10 * honest.slow, honest.momentum)
+    bad, good = await asyncio.gather(new_p2p(), new_p2p())
+    try:
+        _s, bad_metrics = await serve_state(bad, poisoned)
+        await serve_state(good, honest)
+        maddrs = [str(m) for p in (bad, good) for m in await p.get_visible_maddrs()]
+        joiner = await new_p2p(initial_peers=maddrs)
+        metrics, vetted = NodeMetrics(), []
+        limit = 2 * float(np.linalg.norm(honest.slow))
+        try:
+            async def donors():
+                return ids(bad, good)
+
+            async def vet(received):
+                vetted.append(float(np.linalg.norm(received["phi"])))
+                return None if vetted[-1] <= limit else f"norm {vetted[-1]:.0f} above {limit:.0f}"
+
+            synced = await download_state(joiner, SETTINGS, metrics, donors, timeout=30, vet=vet)
+        finally:
+            await shutdown(joiner)
+    finally:
+        await shutdown(bad, good)
+
+    assert synced.donor == ids(good)[0] and np.array_equal(synced.slow, honest.slow)
+    assert len(vetted) == 2 and dict(synced.attempts)[ids(bad)[0]].startswith("state refused: norm")
+    assert metrics.states_refused._value.get() == 1 and uploads_ok(bad_metrics) <= 1  # asked once, not again
+
+
 async def test_no_donor_at_all_is_a_clear_error_within_the_deadline():
     joiner = await new_p2p()
     try:
