@@ -144,7 +144,7 @@ class Rounds:
                 outcome = await self.gossip.sync_round(progress.round, outgoing, self.cfg.sync_timeout)
                 partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
                 if partner is not None and self.verification is not None and not await self.verification.accept_update(
-                        partner, outcome.partner_round, tensors, outcome.attestation):
+                        partner, outcome.partner_round, tensors, outcome.attestation, outcome.nonce):
                     partner, tensors = None, None  # refused: a local outer step
                 elif outcome.partner_round is not None:
                     # Lamport-style: a pair leaves with the later of its two rounds, so a slower node is
@@ -262,7 +262,7 @@ class Rounds:
         outcome = await self.gossip.sync_round(round_, outgoing, search_seconds)
         partner, tensors = outcome.partner, outcome.tensors
         if partner is not None and self.verification is not None and not await self.verification.accept_update(
-                partner, outcome.partner_round, tensors, outcome.attestation):
+                partner, outcome.partner_round, tensors, outcome.attestation, outcome.nonce):
             partner, tensors = None, None
         return ExchangeResult(partner, outcome.partner_round if partner else None, outgoing, tensors,
                               outcome.seconds)

@@ -135,7 +135,9 @@ class ErrorMessage:
 
 @_message(1)
 class ExchangeRequest:
-    """Opens a pair exchange: who asks, for which run/round, and which tensors will travel."""
+    """Opens a pair exchange: who asks, for which run/round, and which tensors will travel. `nonce_commitment`:
+    the requester's commitment to its audit-lottery nonce for the responder's tensors (protocol/verification.py
+    nonce_commitment, 32 bytes; empty when verification is off)."""
 
     run_id: Str
     manifest_hash: Str
@@ -144,13 +146,16 @@ class ExchangeRequest:
     tensors: Names
     numel: UInt
     dtype: Str
+    nonce_commitment: Bytes = b""
 
 
 @_message(2)
 class ExchangeAccept:
-    """Responder agrees to exchange for ``round``; both sides then stream their tensors."""
+    """Responder agrees to exchange for ``round``; both sides then stream their tensors. `nonce_commitment`: as in
+    ExchangeRequest, the responder's for the requester's tensors."""
 
     round: U63
+    nonce_commitment: Bytes = b""
 
 
 @_message(3)

@@ -197,6 +197,7 @@ class Attestation:
     round: int  # the sender's round
     theta_digest: str  # what the sender sent
     time: float  # the sender's wall clock when it attested
+    nonce_commitment: str  # the receiver's, from its ExchangeRequest/ExchangeAccept: blake2b of its lottery nonce
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +209,7 @@ class Attestation:
             run_id=_str("run_id", body.get("run_id")), sender=_str("sender", body.get("sender")),
             receiver=_str("receiver", body.get("receiver")), round=_u63("round", body.get("round")),
             theta_digest=_hex("theta_digest", body.get("theta_digest")), time=_float("time", body.get("time")),
+            nonce_commitment=_hex("nonce_commitment", body.get("nonce_commitment")),
         )
 
 
@@ -219,7 +221,7 @@ class Receipt:
     receiver: str  # who signs this receipt
     round: int  # the sender's round (its commitment's round)
     theta_digest: str  # what actually arrived
-    nonce: str  # 32 hex chars of the receiver's randomness: seeds the audit lottery
+    nonce: str  # 32 hex chars of the receiver's randomness, committed to before the exchange (see `lottery_nonce`)
     sent_at: float  # the sender's attested clock
     attestation: bytes  # the sender's signature over `attested()`
 
@@ -227,8 +229,13 @@ class Receipt:
         return asdict(self)
 
     def attested(self) -> Attestation:
-        """What the sender signed (its signature is `attestation`)."""
-        return Attestation(self.run_id, self.sender, self.receiver, self.round, self.theta_digest, self.sent_at)
+        """What the sender signed (its signature is `attestation`), with the commitment to this receipt's nonce."""
+        return Attestation(self.run_id, self.sender, self.receiver, self.round, self.theta_digest, self.sent_at,
+                           nonce_commitment(bytes.fromhex(self.nonce)))
+
+    def lottery_nonce(self) -> str:
+        """What seeds this receipt's audit lottery (`audit_seed`)."""
+        return lottery_nonce(bytes.fromhex(self.nonce), self.attestation)
 
     @classmethod
     def from_wire(cls, body: Any) -> Receipt:
@@ -323,6 +330,19 @@ def data_assignment(shard: int, sampler_state: Mapping[str, Any], adam_step: int
     """Canonical JSON of what a replay needs besides tensors (big integers stay exact in JSON)."""
     return json.dumps({"shard": shard, "sampler": sampler_state, "adam_step": adam_step,
                        "micro_batches": micro_batches}, sort_keys=True, separators=(",", ":"))
+
+
+def nonce_commitment(nonce: bytes) -> str:
+    """A receiver's commitment to its lottery nonce, sent in its ExchangeRequest / ExchangeAccept before any tensor
+    and signed by the sender in its attestation: the receiver cannot choose the nonce after the fact."""
+    return hashlib.blake2b(nonce, digest_size=32, person=b"gt-nonce-commit").hexdigest()
+
+
+def lottery_nonce(nonce: bytes, attestation_signature: bytes) -> str:
+    """The audit lottery's nonce: the receiver's nonce (committed before the exchange) mixed with the sender's
+    attestation signature (made after it, knowing only the commitment). Neither side can grind the draw: the
+    receiver committed before it could see the signature, the sender signed without knowing the nonce."""
+    return hashlib.blake2b(nonce + attestation_signature, digest_size=16, person=b"gt-lottery").hexdigest()
 
 
 def attestation_is_timely(attested_at: float, now: float) -> bool:

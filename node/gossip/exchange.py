@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from protocol import (
     TruncatedFrame,
     codecs,
 )
+from protocol.verification import nonce_commitment
 
 from node.gossip.health import ExchangeHealth, ExchangeRecord, Penalties
 from node.gossip.pairing import PairingState, choose_partner, could_pair, refusal_reason
@@ -68,6 +70,7 @@ class SyncOutcome:
     seconds: float
     partner_round: int | None = None
     attestation: bytes = b""  # the partner's signed word on what it sent (verification on; see `Gossip.attest`)
+    nonce: bytes = b""  # our audit-lottery nonce for the partner's tensors, committed to before the transfer
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,10 @@ class Gossip:
         self.background = background
         # peers never paired with (flagged by verifiers): set by the daemon when verification is on
         self.excluded: Callable[[], set[str]] = set
-        # our signed attestation of what we send `partner` for our `round` (verification on; else empty): it travels
-        # in our ExchangeAck, and the partner's receipt carries it (protocol/verification.py Attestation)
-        self.attest: Callable[[str, int], bytes] = lambda partner, round_: b""
+        # our signed attestation of what we send `partner` for our `round`, naming the partner's nonce commitment
+        # (verification on; else empty): it travels in our ExchangeAck, and the partner's receipt carries it
+        # (protocol/verification.py Attestation)
+        self.attest: Callable[[str, int, bytes], bytes] = lambda partner, round_, their_commitment: b""
         self.service = StreamService(p2p, EXCHANGE_PROTOCOL, ExchangeRequest, settings.stream, metrics, "exchange",
                                      serve=self._serve_request, failed=self._incoming_failed,
                                      closed=self._incoming_closed)
@@ -226,8 +230,8 @@ class Gossip:
             self.background.spawn(self.membership.withdraw_ready(round_))
         elapsed = time.monotonic() - started
         if paired.done():
-            partner, tensors, partner_round, attestation = paired.result()
-            return SyncOutcome(partner, tensors, elapsed, partner_round, attestation)
+            partner, tensors, partner_round, attestation, nonce = paired.result()
+            return SyncOutcome(partner, tensors, elapsed, partner_round, attestation, nonce)
         self.metrics.exchanges.labels(result="no_partner").inc()
         return SyncOutcome(None, None, elapsed)
 
@@ -253,22 +257,23 @@ class Gossip:
         rounds = (peer.round for peer_id, peer in self.membership.live.items() if peer_id not in excluded)
         return could_pair(rounds, round_, self.settings.max_staleness)
 
-    async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int, bytes] | None:
-        """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round, its attestation)
-        or None."""
+    async def _request(self, partner: str, round_: int) -> tuple[dict[str, np.ndarray], int, bytes, bytes] | None:
+        """Ask `partner` to pair; on accept run the exchange. Returns (its tensors, its round, its attestation, our
+        lottery nonce) or None."""
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             return None
         self._requesting = partner
         stream: FrameStream | None = None
         wire = self.settings.stream
+        nonce = secrets.token_bytes(16)  # our audit-lottery nonce for the partner's tensors: committed to now
         try:
             async with asyncio.timeout(remaining):  # the search: dial, request, reply
                 stream = await open_stream(self.p2p, partner, EXCHANGE_PROTOCOL, wire, self.metrics, "exchange")
                 await stream.send(ExchangeRequest(
                     run_id=wire.run_id, manifest_hash=wire.manifest_hash, round=round_,
                     sender=self.peer_id, tensors=self.settings.tensor_names, numel=wire.numel,
-                    dtype=wire.wire_dtype,
+                    dtype=wire.wire_dtype, nonce_commitment=bytes.fromhex(nonce_commitment(nonce)),
                 ))
                 reply = await stream.recv((ExchangeAccept, ExchangeReject))
             if isinstance(reply, ExchangeReject) or self._paired.done() or self._in_exchange:
@@ -282,9 +287,9 @@ class Gossip:
             # accepted: from here on the exchange lives while its bytes flow, the search deadline does not cut it
             accepted = time.monotonic()
             received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
-            attestation = await confirm(stream, self.attest(partner, round_))
+            attestation = await confirm(stream, self.attest(partner, round_, reply.nonce_commitment))
             self._record_success(partner, stream, time.monotonic() - accepted)
-            return await self._decode(received), reply.round, attestation
+            return await self._decode(received), reply.round, attestation, nonce
         except ProtocolError as error:
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
             self._record_failure(partner, error, stream)
@@ -337,7 +342,7 @@ class Gossip:
             await incoming.stream.send(ExchangeReject(reason=refusal, round=round_))
             return
         exchange = incoming.task = self._incoming_task = asyncio.ensure_future(
-            self._serve_exchange(incoming.stream, incoming.peer, request.round, self._paired)
+            self._serve_exchange(incoming.stream, incoming.peer, request.round, self._paired, request.nonce_commitment)
         )
         try:
             await exchange
@@ -361,16 +366,18 @@ class Gossip:
             self._incoming_task = None
         self._wakeup.set()
 
-    async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future) -> None:
+    async def _serve_exchange(self, stream: FrameStream, sender: str, their_round: int, paired: asyncio.Future,
+                              their_commitment: bytes) -> None:
         """Accepted: the exchange lives while its bytes flow (the search deadline does not cut it)."""
         accepted, round_ = time.monotonic(), self._round
-        await stream.send(ExchangeAccept(round=round_))
+        nonce = secrets.token_bytes(16)  # our audit-lottery nonce for the requester's tensors: committed to now
+        await stream.send(ExchangeAccept(round=round_, nonce_commitment=bytes.fromhex(nonce_commitment(nonce))))
         received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.stream.chunk_bytes)
-        attestation = await confirm(stream, self.attest(sender, round_))
+        attestation = await confirm(stream, self.attest(sender, round_, their_commitment))
         self._record_success(sender, stream, time.monotonic() - accepted)
         received = await self._decode(received)
         if not paired.done():
-            paired.set_result((sender, received, their_round, attestation))
+            paired.set_result((sender, received, their_round, attestation, nonce))
 
     def _validate_request(self, request: ExchangeRequest) -> None:
         """A request for tensors this run does not have is malformed input, not a polite refusal."""

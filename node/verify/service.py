@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,6 +70,7 @@ from protocol.verification import (
     decide,
     envelope,
     is_sampled,
+    nonce_commitment,
     open_envelope,
     receipt_is_current,
     signing_bytes,
@@ -408,37 +408,40 @@ class Verification:
         self._commitments[(peer, round_)] = commitment
         return commitment
 
-    def attest(self, partner: str, round_: int) -> bytes:
-        """Our signed word to `partner`, at the end of an exchange, on what we sent it for our round `round_`: it
-        travels in our ExchangeAck and the partner's receipt carries its signature. Empty if that round was not
-        committed (then the partner will not apply our tensors anyway). The round's start state is kept at least
+    def attest(self, partner: str, round_: int, their_commitment: bytes) -> bytes:
+        """Our signed word to `partner`, at the end of an exchange, on what we sent it for our round `round_`,
+        naming its nonce commitment (from its ExchangeRequest / ExchangeAccept): it travels in our ExchangeAck and
+        the partner's receipt carries its signature. Empty if that round was not committed (then the partner will
+        not apply our tensors anyway) or the partner sent no commitment. The round's start state is kept at least
         RETAIN_MIN_SECONDS from now: an audit drawn on this exchange finds it."""
         retained = self.retained.get(round_)
-        if retained is None or not retained.theta_digest:
+        if retained is None or not retained.theta_digest or len(their_commitment) != 32:
             return b""
         retained.attested = time.monotonic()
         attestation = Attestation(self.settings.run_id, self.me, partner, round_, retained.theta_digest,
-                                  get_dht_time())
+                                  get_dht_time(), their_commitment.hex())
         return envelope(attestation, self.identity.sign(signing_bytes(attestation)))
 
-    def _attestation(self, partner: str, partner_round: int, received: str, blob: bytes) -> Attestation | None:
-        """The partner's attestation if it is its, for this exchange (us, its round, the digest that arrived), and
-        made within MAX_ATTESTATION_SKEW of our clock; else None."""
+    def _attestation(self, partner: str, partner_round: int, received: str, blob: bytes,
+                     nonce: bytes) -> tuple[Attestation, bytes] | None:
+        """(the partner's attestation, its signature) if it is the partner's, for this exchange (us, its round, the
+        digest that arrived, the commitment to our `nonce`), made within MAX_ATTESTATION_SKEW of our clock; else None."""
         try:
             attestation, signature = open_envelope(blob, Attestation)
         except InvalidRecord:
             return None
-        expected = (self.settings.run_id, partner, self.me, partner_round, received)
-        if (attestation.run_id, attestation.sender, attestation.receiver, attestation.round,
-                attestation.theta_digest) != expected or not attestation_is_timely(attestation.time, get_dht_time()):
+        expected = (self.settings.run_id, partner, self.me, partner_round, received, nonce_commitment(nonce))
+        if (attestation.run_id, attestation.sender, attestation.receiver, attestation.round, attestation.theta_digest,
+                attestation.nonce_commitment) != expected or not attestation_is_timely(attestation.time, get_dht_time()):
             return None
-        return attestation if ident.verify(partner, signing_bytes(attestation), signature) else None
+        return (attestation, signature) if ident.verify(partner, signing_bytes(attestation), signature) else None
 
     async def accept_update(self, partner: str, partner_round: int, tensors: dict[str, np.ndarray],
-                            attestation: bytes = b"") -> bool:
+                            attestation: bytes = b"", nonce: bytes = b"") -> bool:
         """May the partner's tensors be applied? Also draws the audit lottery for them. `attestation` is the
-        partner's signed word on what it sent (from its ExchangeAck): without a valid, timely one nothing could
-        ever audit this update, so it is not applied."""
+        partner's signed word on what it sent (from its ExchangeAck), `nonce` our lottery nonce for this exchange
+        (committed to in our request or accept): without a valid, timely attestation of that commitment nothing
+        could ever audit this update, so it is not applied."""
         if partner in self.flagged or partner in self.distrusted:
             self.metrics.updates_refused.labels(reason="flagged").inc()
             logger.warning("dropped the update of flagged peer %s", partner[-8:])
@@ -460,18 +463,18 @@ class Verification:
             logger.error("%s sent tensors that differ from its signed commitment for round %d: not applied, and "
                          "this node will not pair with it again", partner[-8:], partner_round)
             return False
-        attested = self._attestation(partner, partner_round, received, attestation)
+        attested = self._attestation(partner, partner_round, received, attestation, nonce)
         if attested is None:
             self.metrics.updates_refused.labels(reason="no_attestation").inc()
             logger.warning("%s sent no valid attestation of its round %d update (signed, for us, for what arrived, "
                            "its clock within %.0f s of ours): not applied", partner[-8:], partner_round,
                            MAX_ATTESTATION_SKEW)
             return False
-        nonce = secrets.token_hex(16)
-        seed = audit_seed(self.settings.run_id, partner, partner_round, commitment.digest(), nonce)
+        attested, signature = attested
+        receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce.hex(), attested.time,
+                          signature)
+        seed = audit_seed(self.settings.run_id, partner, partner_round, commitment.digest(), receipt.lottery_nonce())
         if is_sampled(seed, self.settings.rate):
-            receipt = Receipt(self.settings.run_id, partner, self.me, partner_round, received, nonce,
-                              attested.time, self._attestation_signature(attestation))
             self._publish_receipt(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
             logger.info("round %d of %s drawn for audit", partner_round, partner[-8:])
         return True
@@ -541,7 +544,7 @@ class Verification:
             if (receipt.sender != self.me or receipt.round != round_ or receipt.theta_digest != commitment.theta_digest
                     or not self._signed_by_receiver(receipt, receiver, signature)):
                 continue
-            seed = audit_seed(run_id, self.me, round_, commitment.digest(), receipt.nonce)
+            seed = audit_seed(run_id, self.me, round_, commitment.digest(), receipt.lottery_nonce())
             if is_sampled(seed, self.settings.rate):
                 seeds.append(seed)
         return seeds
@@ -554,9 +557,6 @@ class Verification:
                 and ident.verify(receiver, signing_bytes(receipt), signature)
                 and ident.verify(receipt.sender, signing_bytes(receipt.attested()), receipt.attestation))
 
-    @staticmethod
-    def _attestation_signature(blob: bytes) -> bytes:
-        return open_envelope(blob, Attestation)[1]
 
     def _audit_upload_failed(self, incoming: Incoming, error: Exception) -> None:
         self.metrics.audit_uploads.labels(result="failed").inc()
@@ -726,7 +726,7 @@ class Verification:
             commitment = await self._commitment(peer, round_)
             if commitment is None or commitment.theta_digest != receipt.theta_digest:
                 continue  # not visible yet (tried again next poll) or a receipt for other tensors
-            seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.nonce)
+            seed = audit_seed(self.settings.run_id, peer, round_, commitment.digest(), receipt.lottery_nonce())
             if not is_sampled(seed, self.settings.rate):
                 self._ignore(marker)  # a receipt published although the lottery said no: not an audit
                 continue

@@ -37,6 +37,7 @@ from protocol.verification import (
     audit_seed,
     envelope,
     is_sampled,
+    nonce_commitment,
     open_envelope,
     signing_bytes,
 )
@@ -165,14 +166,14 @@ class Adversary:
                 commitment, _ = open_envelope(_signed_value(entries[victim].value), Commitment)
             except Exception:  # noqa: BLE001 - no (readable) commitment of this victim for that round
                 continue
-            attested = Attestation(run_id, victim, self.peer_id, round_, commitment.theta_digest, get_dht_time())
-            attestation = self.identity.sign(signing_bytes(attested))
             for grind in range(10_000):
                 nonce = f"{grind:032x}"
-                if is_sampled(audit_seed(run_id, victim, round_, commitment.digest(), nonce), rate):
+                attested = Attestation(run_id, victim, self.peer_id, round_, commitment.theta_digest, get_dht_time(),
+                                       nonce_commitment(bytes.fromhex(nonce)))
+                receipt = Receipt(run_id, victim, self.peer_id, round_, commitment.theta_digest, nonce,
+                                  attested.time, self.identity.sign(signing_bytes(attested)))
+                if is_sampled(audit_seed(run_id, victim, round_, commitment.digest(), receipt.lottery_nonce()), rate):
                     break
-            receipt = Receipt(run_id, victim, self.peer_id, round_, commitment.theta_digest, nonce,
-                              attested.time, attestation)
             blobs.append(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
         return blobs
 

@@ -13,6 +13,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from protocol import (
+    PROTOCOL_VERSION,
     ErrorMessage,
     ExchangeAccept,
     ExchangeReject,
@@ -142,8 +143,8 @@ async def test_node_refuses_malformed_frames_with_typed_errors(lone_node, tmp_pa
         assert (await client.send_raw_and_read_error(b"\x00\x00\x00\x05hello")).kind == "malformed"
         assert (await client.send_raw_and_read_error(b"\xff\xff\xff\xff")).kind == "oversized"
         assert (await client.send_raw_and_read_error(frame({"v": 99, "t": 1}))).kind == "version"
-        assert (await client.send_raw_and_read_error(frame({"v": 1, "t": 42}))).kind == "type"
-        assert (await client.send_raw_and_read_error(frame({"v": 1, "t": 1, "round": "x"}))).kind == "field"
+        assert (await client.send_raw_and_read_error(frame({"v": PROTOCOL_VERSION, "t": 42}))).kind == "type"
+        assert (await client.send_raw_and_read_error(frame({"v": PROTOCOL_VERSION, "t": 1, "round": "x"}))).kind == "field"
         stream = await client.open()  # truncated: a header promising 100 bytes, 10 bytes, then gone
         stream.writer.write(b"\x00\x00\x00\x64" + b"\x00" * 10)
         await stream.writer.drain()

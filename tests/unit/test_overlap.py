@@ -209,7 +209,8 @@ class AcceptingVerification:
     async def publish(self, prepared: dict) -> dict:
         return prepared["outgoing"]
 
-    async def accept_update(self, partner: str, partner_round: int, tensors: dict, attestation: bytes = b"") -> bool:
+    async def accept_update(self, partner: str, partner_round: int, tensors: dict, attestation: bytes = b"",
+                            nonce: bytes = b"") -> bool:
         return partner not in self.flagged
 
     def excluded(self) -> set[str]:

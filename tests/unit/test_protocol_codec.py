@@ -160,7 +160,8 @@ def test_message_classes_cover_every_message_type() -> None:
 def test_spec_worked_example_bytes_are_exact() -> None:
     # Kept in sync with the worked example in protocol/SPEC.md.
     frame = encode_frame(encode_message(ExchangeAccept(round=7)))
-    assert frame.hex(" ") == "00 00 00 0e 83 a1 76 02 a1 74 02 a5 72 6f 75 6e 64 07"
+    assert frame.hex(" ") == ("00 00 00 21 84 a1 76 02 a1 74 02 a5 72 6f 75 6e 64 07 "
+                              "b0 6e 6f 6e 63 65 5f 63 6f 6d 6d 69 74 6d 65 6e 74 c4 00")
     chunk = encode_frame(encode_message(TensorChunk(index=0, data=bytes.fromhex("0000803f"))))
     assert chunk.hex(" ") == (
         "00 00 00 19 84 a1 76 02 a1 74 05 a5 69 6e 64 65 78 00 a4 64 61 74 61 c4 04 00 00 80 3f"

@@ -20,6 +20,8 @@ from protocol.verification import (
     audit_seed,
     committee_ranking,
     envelope,
+    lottery_nonce,
+    nonce_commitment,
     open_envelope,
     signing_bytes,
 )
@@ -77,7 +79,8 @@ def receipt_from(receiver: Identity, audited: Identity, nonce: str = "00" * 16, 
                  sent_at: float | None = None, attested_by: Identity | None = None) -> Receipt:
     """`receiver`'s receipt of `audited`'s round, carrying the attestation `audited` (or `attested_by`) signed."""
     sent_at = get_dht_time() if sent_at is None else sent_at
-    attested = Attestation(RUN, audited.peer_id, receiver.peer_id, round_, "cd" * 32, sent_at)
+    attested = Attestation(RUN, audited.peer_id, receiver.peer_id, round_, "cd" * 32, sent_at,
+                           nonce_commitment(bytes.fromhex(nonce)))
     signature = (attested_by or audited).sign(signing_bytes(attested))
     return Receipt(RUN, audited.peer_id, receiver.peer_id, round_, "cd" * 32, nonce, sent_at, signature)
 
@@ -94,7 +97,7 @@ def test_two_committee_rejects_flag_and_forged_votes_do_not_count():
     membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt))}
     asyncio.run(verification._discover())
     audit = verification.audits[(audited.peer_id, 5)]
-    assert audit.seed == audit_seed(RUN, audited.peer_id, 5, commitment.digest(), receipt.nonce)
+    assert audit.seed == audit_seed(RUN, audited.peer_id, 5, commitment.digest(), receipt.lottery_nonce())
     ranking = committee_ranking(audit.seed, [p.peer_id for p in peers.values()], audited.peer_id)
     others = [p for p in ranking if p != peers["E"].peer_id][:2]  # two committee members that are not us
     by_id = {p.peer_id: p for p in peers.values()}
@@ -204,9 +207,13 @@ def exchange_setup():
     return peers, membership, verification, tensors, commitment
 
 
+NONCE = bytes(range(16))  # our lottery nonce for the exchange, committed to in our request
+
+
 def attestation_of(sender: Identity, receiver: Identity, digest: str, at: float | None = None, round_: int = 5,
-                   signer: Identity | None = None) -> bytes:
-    attested = Attestation(RUN, sender.peer_id, receiver.peer_id, round_, digest, get_dht_time() if at is None else at)
+                   signer: Identity | None = None, nonce: bytes = NONCE) -> bytes:
+    attested = Attestation(RUN, sender.peer_id, receiver.peer_id, round_, digest, get_dht_time() if at is None else at,
+                           nonce_commitment(nonce))
     return signed(signer or sender, attested)
 
 
@@ -225,11 +232,12 @@ def test_an_update_comes_with_its_senders_attestation_and_the_receipt_carries_it
         "for another round": attestation_of(sender, me, commitment.theta_digest, round_=4),
         "clock too far behind": attestation_of(sender, me, commitment.theta_digest,
                                                at=get_dht_time() - MAX_ATTESTATION_SKEW - 2),
+        "for another nonce": attestation_of(sender, me, commitment.theta_digest, nonce=b"\x01" * 16),
         "garbage": b"\x93\x01",
     }
 
     async def receive(blob: bytes) -> bool:
-        accepted = await verification.accept_update(sender.peer_id, 5, tensors, blob)
+        accepted = await verification.accept_update(sender.peer_id, 5, tensors, blob, NONCE)
         for _ in range(3):  # the receipt is stored in the background
             await asyncio.sleep(0)
         return accepted
@@ -248,14 +256,31 @@ def test_an_update_comes_with_its_senders_attestation_and_the_receipt_carries_it
 def test_we_attest_only_rounds_we_committed_and_keep_their_state_for_the_receipt():
     peers, _, verification, _ = setup()
     me, partner = peers["E"], peers["B"]
-    assert verification.attest(partner.peer_id, 7) == b""  # not committed: nothing to attest
+    commitment = bytes.fromhex(nonce_commitment(NONCE))
+    assert verification.attest(partner.peer_id, 7, commitment) == b""  # not committed: nothing to attest
     verification.retained[7] = RetainedStart({}, "ab" * 32, created=0.0, theta_digest="cd" * 32)
-    attested, signature = open_envelope(verification.attest(partner.peer_id, 7), Attestation)
-    assert (attested.sender, attested.receiver, attested.round, attested.theta_digest) == (
-        me.peer_id, partner.peer_id, 7, "cd" * 32)
+    assert verification.attest(partner.peer_id, 7, b"") == b""  # the partner committed to no nonce
+    attested, signature = open_envelope(verification.attest(partner.peer_id, 7, commitment), Attestation)
+    assert (attested.sender, attested.receiver, attested.round, attested.theta_digest, attested.nonce_commitment) == (
+        me.peer_id, partner.peer_id, 7, "cd" * 32, commitment.hex())
     assert ident.verify(me.peer_id, signing_bytes(attested), signature)
     # made long ago but attested just now: kept past the audit window, until no receipt of it can be current
     for later in range(8, 14):
         verification.retained[later] = RetainedStart({}, "ab" * 32, created=0.0)
     verification._prune_retained()
     assert 7 in verification.retained and 8 not in verification.retained
+
+
+def test_neither_partner_can_steer_the_audit_lottery():
+    """The receiver commits to its nonce before any tensor moves; the draw mixes in the sender's attestation
+    signature, made after that commitment without knowing the nonce. So the receiver cannot grind a draw (it would
+    need the signature before committing) and the sender cannot (it would need the nonce)."""
+    peers, _, _, _ = setup()
+    receipt = receipt_from(peers["B"], peers["A"], nonce="11" * 16)
+    assert receipt.lottery_nonce() == lottery_nonce(bytes.fromhex("11" * 16), receipt.attestation)
+    other_signature = receipt_from(peers["B"], peers["A"], nonce="11" * 16, sent_at=receipt.sent_at + 1)
+    assert other_signature.lottery_nonce() != receipt.lottery_nonce()  # the sender's signature moves the draw
+    # a receipt revealing another nonce than the one the sender attested does not carry the sender's signature
+    swapped = Receipt(**{**receipt.to_wire(), "nonce": "22" * 16})
+    assert not ident.verify(peers["A"].peer_id, signing_bytes(swapped.attested()), swapped.attestation)
+    assert ident.verify(peers["A"].peer_id, signing_bytes(receipt.attested()), receipt.attestation)
