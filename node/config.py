@@ -11,7 +11,7 @@ import dataclasses
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,50 @@ _POSITIVE = ("context", "d_model", "n_layers", "n_heads", "batch_size")
 
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or out of range."""
+
+
+MAX_RANKS = 64  # data-parallel ranks in one node (`devices`); a verifier replays all of them, so it is bounded
+
+
+def parse_devices(spec: str, cuda_count: Callable[[], int]) -> list[str]:
+    """`devices` as one torch device per data-parallel rank, rank 0 first ([] for "": one process).
+
+    "cpu:N" gives N times "cpu", "auto" every visible GPU, "cuda:0,cuda:1" those GPUs. `cuda_count`
+    (torch.cuda.device_count) is only asked when GPUs are named, so a CPU spec never imports torch.
+    Raises ConfigError.
+    """
+    spec = spec.strip()
+    if not spec:
+        return []
+    if spec.startswith("cpu"):
+        match = re.fullmatch(r"cpu:(-?\d+)", spec)
+        if match is None:
+            raise ConfigError(f"devices: expected cpu:N (N processes), got {spec!r}")
+        ranks = int(match.group(1))
+        if not 1 <= ranks <= MAX_RANKS:
+            raise ConfigError(f"devices: cpu:N needs 1 <= N <= {MAX_RANKS}, got {spec!r}")
+        return ["cpu"] * ranks
+    names = [name.strip() for name in spec.split(",")]
+    if spec != "auto" and not all(re.fullmatch(r"cuda:\d+", name) for name in names):
+        raise ConfigError(f"devices must be '', auto, cpu:N or a list like cuda:0,cuda:1, got {spec!r}")
+    count = cuda_count()
+    if count == 0:
+        raise ConfigError(f"devices {spec!r} requested but no CUDA GPU is visible (use cpu:N, or leave devices empty)")
+    if spec == "auto":
+        return [f"cuda:{index}" for index in range(min(count, MAX_RANKS))]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"devices: each GPU may appear once, got {spec!r}")
+    if len(names) > MAX_RANKS:
+        raise ConfigError(f"devices: at most {MAX_RANKS} ranks, got {len(names)}")
+    if missing := [name for name in names if int(name.split(":")[1]) >= count]:
+        raise ConfigError(f"devices: {', '.join(missing)} not present ({count} CUDA GPU(s) visible)")
+    return names
+
+
+def _cuda_count() -> int:
+    import torch  # only when `devices` names GPUs: the CLI validates before torch is needed otherwise
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @dataclass
@@ -135,7 +179,11 @@ class NodeConfig:
             (min(self._values(*_POSITIVE).values()) >= 1,
              f"{', '.join(_POSITIVE[:-1])} and {_POSITIVE[-1]} must be >= 1"),
             (self.n_heads < 1 or self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
-            (self.context <= 8192, "context must be <= 8192 bytes (the data block is 16 KiB)"),
+            (self.context <= 8192, "context must be <= 8192 tokens (the data block is 16384 tokens)"),
+            (self.text_field.strip() != "", "text_field must name the text column of JSONL/Parquet/datasets data"),
+            (not self.tokenizer or Path(self.tokenizer).expanduser().is_file(),
+             f"tokenizer file {self.tokenizer} does not exist (a `tokenizers` JSON file; "
+             "train one with `gossiptrain tokenizer train`, or leave it empty for bytes)"),
             (self.num_shards >= 1 and -1 <= self.shard < self.num_shards,
              "shard must be -1 (auto) or in [0, num_shards)"),
             (self.sync_timeout > 0 and self.io_timeout > 0, "timeouts must be > 0"),
@@ -166,16 +214,40 @@ class NodeConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_model()
+        parse_devices(self.devices, _cuda_count)  # raises on a malformed spec or missing GPUs
         return self
 
-    def manifest(self, data_fingerprint: str, protocol_version: int) -> dict[str, Any]:
-        """Everything that must be identical for two nodes to average their models."""
+    def _validate_model(self) -> None:
+        """The model choice: a builtin or a readable transformers config whose positions cover `context`;
+        grad_checkpointing and compile switches; an existing init-weights file. Raises ConfigError."""
+        from node.train.presets import BUILTIN, check_init_weights_path, load_model_config, max_positions
+
+        for name in ("grad_checkpointing", "compile"):
+            if getattr(self, name) not in ("on", "off"):
+                raise ConfigError(f"{name} must be 'on' or 'off', got {getattr(self, name)!r}")
+        if self.model == BUILTIN:
+            if self.grad_checkpointing == "on":
+                raise ConfigError("grad_checkpointing on needs a transformers model (--model a preset or a config.json); "
+                                  "the builtin byte-level GPT does not support it")
+        else:
+            positions = max_positions(load_model_config(self.model))
+            if positions is not None and self.context > positions:
+                raise ConfigError(f"context {self.context} exceeds the model's max_position_embeddings {positions}")
+        if self.init_weights and (problem := check_init_weights_path(self.init_weights)):
+            raise ConfigError(problem)
+
+    def manifest(self, data_fingerprint: str, protocol_version: int, vocab_size: int = 256,
+                 tokenizer: str = "bytes") -> dict[str, Any]:
+        """Everything that must be identical for two nodes to average their models (`vocab_size`: the data's,
+        `Corpus.vocab_size`; `tokenizer`: `Corpus.tokenizer`, its fingerprint, which `data_fingerprint` covers too;
+        listed only when not "bytes", so byte-level runs keep their hash and checkpoints)."""
         return {
             "protocol_version": protocol_version,
             "run_id": self.run_id,
-            "model": {"arch": "byte-gpt", "vocab": 256,
-                      **self._values("context", "d_model", "n_layers", "n_heads", "seed")},
+            "model": self._model_manifest(vocab_size),
             "data": data_fingerprint,
+            **({"tokenizer": tokenizer} if tokenizer != "bytes" else {}),
             "inner": {"optimizer": "adamw",
                       **self._values("lr", "weight_decay", "grad_clip", "warmup_steps", "lr_schedule_steps",
                                      "batch_size")},
@@ -184,6 +256,19 @@ class NodeConfig:
             "verify": {"on": self.verify,
                        **self._values("rate", "max_hamming", "max_rel_l2", "max_norm_ratio", prefix="verify_")},
         }
+
+    def _model_manifest(self, vocab_size: int) -> dict[str, Any]:
+        """The model section: builtin as it always was (init_weights only when set, so default runs keep their
+        hash); a transformers model by the hash of its resolved config (vocab_size included)."""
+        from node.train.presets import BUILTIN, config_hash, weights_sha256
+
+        weights = weights_sha256(self.init_weights) if self.init_weights else ""
+        if self.model == BUILTIN:
+            section = {"arch": "byte-gpt", "vocab": vocab_size,
+                       **self._values("context", "d_model", "n_layers", "n_heads", "seed")}
+            return {**section, "init_weights": weights} if weights else section
+        return {"arch": "hf-causal-lm", "config_hash": config_hash(self.model, vocab_size),
+                **self._values("seed", "context"), "init_weights": weights}
 
     def _values(self, *names: str, prefix: str = "") -> dict[str, Any]:
         """{name: value of the field prefix + name} for the given names (manifest sections, validate)."""

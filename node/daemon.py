@@ -29,7 +29,7 @@ from protocol.records import MAX_FLAGGED, LastExchange, NodeStatus, Report
 from protocol.verification import Tolerances
 
 from node import __version__
-from node.config import NodeConfig
+from node.config import ConfigError, NodeConfig
 from node.gossip.exchange import Gossip, GossipSettings
 from node.join.peers_file import PeersFileError, wait_for_peers_file
 from node.join.plan import StartMode
@@ -45,7 +45,8 @@ from node.net.stream_service import StreamSettings
 from node.round import Progress, Rounds
 from node.tasks import BackgroundTasks
 from node.train.checkpoint import save_checkpoint
-from node.train.data import DataError, load_corpus
+from node.train.data import DataError, load_run_corpus
+from node.train.parallel import ParallelError
 from node.train.trainer import DeviceUnavailable, SlowState, Trainer
 from node.verify.faults import FaultConfigError, fault_from_env
 from node.verify.replay import Replayer
@@ -82,6 +83,8 @@ class Node:
         try:
             await self._start(cfg)
         except BaseException:  # failed or cancelled: the network is closed already; free the rest
+            if (trainer := getattr(self, "trainer", None)) is not None:
+                trainer.close()  # no orphaned data-parallel workers
             if self.executor is not None:
                 self.executor.shutdown(wait=False, cancel_futures=True)
             os.close(self._work_dir_lock)
@@ -113,10 +116,13 @@ class Node:
         self._checkpointed: tuple[int, int] | None = None  # (rounds done, global step) of the newest checkpoint
 
         try:
-            corpus = await self._compute(load_corpus, cfg.data or None)
+            corpus = await self._compute(load_run_corpus, cfg)
         except DataError as error:
             raise StartupError(str(error)) from error
-        manifest = cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION)
+        try:
+            manifest = cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION, corpus.vocab_size, corpus.tokenizer)
+        except ConfigError as error:  # an init-weights file that vanished since the config was checked
+            raise StartupError(str(error)) from error
         self.manifest_hash = manifest_hash(manifest)
         try:
             self.fault = fault_from_env(os.environ)
@@ -178,7 +184,8 @@ class Node:
         shard = cfg.shard if cfg.shard >= 0 else digest % cfg.num_shards
         try:
             self.trainer = await self._compute(Trainer, cfg, corpus, shard, digest)
-        except (DeviceUnavailable, DataError) as error:
+        # ConfigError: a model or init weights refused; ParallelError: a data-parallel worker did not start
+        except (DeviceUnavailable, DataError, ConfigError, ParallelError) as error:
             raise StartupError(str(error)) from error
 
         self.metrics = NodeMetrics()
@@ -295,7 +302,12 @@ class Node:
                 self._record_history(None)
                 logger.info("held-out loss at start: %.3f", progress.eval_loss)
             while not self.stop_event.is_set() and (self.cfg.rounds == 0 or progress.rounds_done < self.cfg.rounds):
-                await self._run_round()
+                try:
+                    await self._run_round()
+                except ParallelError as error:  # a worker died or hung: this node cannot train on; it leaves cleanly
+                    logger.error("%s: leaving", error)
+                    self.exit_code = 1
+                    break
         finally:
             summary = await self._leave()
         return summary
@@ -370,8 +382,8 @@ class Node:
             time=time.time(),  # our wall clock when published: `gossiptrain doctor` estimates clock skew from it
             version=__version__, started=self.started_at, rounds_done=self.progress.rounds_done,
             train_loss=self.progress.train_loss, tokens_per_second=self.progress.tokens_per_second,
-            last_exchange=LastExchange(last["time"], last["partner"]) if last is not None else None,
             utilisation=self.progress.utilisation,
+            last_exchange=LastExchange(last["time"], last["partner"]) if last is not None else None,
             exchanges=counts_by_label(self.metrics.exchanges, "result"), flagged=tuple(flagged),
         )
 
@@ -449,6 +461,7 @@ class Node:
         self.files.write_summary(summary)
         self._write_status("stopped")
         await self._close_network()
+        await self._compute(self.trainer.close)  # data-parallel workers, if any, exit now
         self.executor.shutdown(wait=True)
         os.close(self._work_dir_lock)  # the work dir is free for the next node (the kernel would do it at exit)
         logger.info("node %s left at round %d after %d rounds", self.peer_id, self.progress.round,

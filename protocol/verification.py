@@ -326,10 +326,14 @@ def open_envelope(blob: Any, kind: type) -> tuple[Record, bytes]:
 
 
 # ----------------------------------------------------------------------------- lottery, committee, verdict
-def data_assignment(shard: int, sampler_state: Mapping[str, Any], adam_step: int, micro_batches: int = 1) -> str:
-    """Canonical JSON of what a replay needs besides tensors (big integers stay exact in JSON)."""
-    return json.dumps({"shard": shard, "sampler": sampler_state, "adam_step": adam_step,
-                       "micro_batches": micro_batches}, sort_keys=True, separators=(",", ":"))
+def data_assignment(shard: int, sampler_state: Mapping[str, Any], adam_step: int, micro_batches: int = 1,
+                    ranks: int = 1) -> str:
+    """Canonical JSON of what a replay needs besides tensors (big integers stay exact in JSON). `ranks`, a
+    data-parallel node's rank count, appears only when above 1, so a one-process node commits what it always did."""
+    meta = {"shard": shard, "sampler": sampler_state, "adam_step": adam_step, "micro_batches": micro_batches}
+    if ranks != 1:
+        meta["ranks"] = ranks
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
 
 
 def nonce_commitment(nonce: bytes) -> str:

@@ -103,11 +103,9 @@ def _checksum(slow: np.ndarray, momentum: np.ndarray) -> str:
 def default_sizes() -> list[int]:
     """The default model's parameter count (NodeConfig defaults, built by node.train.model) and 100M."""
     from node.config import NodeConfig
-    from node.train.model import ModelConfig, build_model, count_parameters
+    from node.train.model import count_parameters, make_model
 
-    cfg = NodeConfig()
-    model_cfg = ModelConfig.from_node_config(cfg)
-    return [count_parameters(build_model(model_cfg, cfg.seed)), LARGE_NUMEL]
+    return [count_parameters(make_model(NodeConfig())), LARGE_NUMEL]
 
 
 # ---------------------------------------------------------------------- peak memory of this process

@@ -14,7 +14,7 @@ import sys
 
 from node import __version__
 
-VERBS = ("run", "swarm", "status", "doctor", "report", "health", "bench", "chaos")
+VERBS = ("run", "swarm", "status", "doctor", "report", "health", "bench", "chaos", "tokenizer")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

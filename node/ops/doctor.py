@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import ipaddress
 import math
@@ -37,6 +38,7 @@ REQUIRED_PYTHON = (3, 11)
 HIVEMIND_VERSION = "1.1.12"
 MIN_TORCH = (2, 1)
 FLOAT_BYTES = 4
+MEMORY_SLACK = 1.2  # allocator fragmentation, temporaries, what the plan does not name
 
 
 @dataclass
@@ -194,31 +196,94 @@ def check_metrics_port(cfg: NodeConfig) -> Check:
     return Check("metrics port", OK, f"{cfg.metrics_host}:{cfg.metrics_port} is free")
 
 
-def model_parameters(cfg: NodeConfig) -> int:
-    """Parameter count of the configured model, without allocating it."""
+def planned_vocab_size(cfg: NodeConfig) -> int:
+    """The vocabulary the node's data will have: the tokenizer's (256 for raw bytes). DataError if unusable."""
+    from node.train.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer or None).vocab_size
+
+
+def model_parameters(cfg: NodeConfig, vocab_size: int = 256) -> int:
+    """Parameter count of the configured model (built on the meta device: nothing is allocated)."""
     import torch
 
-    from node.train.model import ByteGPT, ModelConfig
+    from node.train.model import count_parameters, make_model
 
     with torch.device("meta"):
-        model = ByteGPT(ModelConfig.from_node_config(cfg))
-    return sum(p.numel() for p in model.parameters())
+        return count_parameters(make_model(cfg, vocab_size, load_weights=False))
 
 
-def memory_estimate(cfg: NodeConfig, parameters: int) -> int:
-    """Bytes one node needs for its tensors (fp32): a planning figure, not an exact one.
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes of each kind of tensor a node holds, and where: on the training device or in host RAM (the same
+    place on CPU). Activations are an estimate; the rest follows from the parameter count."""
 
-    θ, gradients and two AdamW moments; φ and the outer momentum; the published, outgoing and
-    received copies; with verification, a replay model with its optimizer plus `audit_window`
-    retained round starts (φ and both moments each). Activations: the micro-batch's attention
-    and MLP intermediates.
-    """
-    copies = 4 + 2 + 3
-    if cfg.verify == "on":
-        copies += 4 + 3 * cfg.audit_window
+    parts: dict[str, int]  # name -> bytes, in the order printed
+    on_device: frozenset[str]  # names held on the training device (the others: host RAM)
+    cuda: bool
+
+    def device_bytes(self) -> int:
+        return int(MEMORY_SLACK * sum(v for k, v in self.parts.items() if k in self.on_device or not self.cuda))
+
+    def host_bytes(self) -> int:
+        return int(MEMORY_SLACK * sum(v for k, v in self.parts.items() if k not in self.on_device)) if self.cuda else 0
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {'~' if name == 'activations' else ''}{_gib(size)}" for name, size in self.parts.items())
+
+
+def _activation_bytes(cfg: NodeConfig, vocab_size: int, cuda: bool) -> int:
+    """The estimated activations of one micro-batch's forward and backward pass."""
     batch = math.ceil(cfg.batch_size / cfg.micro_batches)
-    activations = batch * cfg.context * (cfg.n_layers * (16 * cfg.d_model + 2 * cfg.n_heads * cfg.context) + 3 * 256)
-    return int(1.2 * FLOAT_BYTES * (copies * parameters + activations))
+    if cfg.model == "builtin":
+        width, heads, layers = cfg.d_model, cfg.n_heads, cfg.n_layers
+        return FLOAT_BYTES * batch * cfg.context * (layers * (16 * width + 2 * heads * cfg.context) + 3 * vocab_size)
+    from node.train.hf_model import activation_bytes
+    from node.train.presets import resolved_config
+
+    element = 2 if cuda else FLOAT_BYTES  # bfloat16 autocast on CUDA (trainer.autocast_dtype; builtin: float32)
+    return activation_bytes(resolved_config(cfg.model, vocab_size), batch, cfg.context, cfg.grad_checkpointing == "on",
+                            element)
+
+
+def memory_plan(cfg: NodeConfig, parameters: int, vocab_size: int = 256, cuda: bool | None = None) -> MemoryPlan:
+    """What one node holds (float32 unless said): weights θ and their gradients; AdamW's two moments; φ and δ;
+    the last published boundary (φ, δ: what a donor serves, on the host); one exchange: the sent and received
+    tensors (float32) and a wire buffer (`wire_dtype`); activations (an estimate for batch × context); with
+    verification, a replay model (weights, gradients, moments) and `audit_window` retained round starts (φ and
+    both moments each). `cuda`: None decides as `check_device` does."""
+    import torch
+
+    from protocol.codecs import WIRE_DTYPES
+
+    if cuda is None:
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    size = FLOAT_BYTES * parameters
+    wire = {"float32": 4, "bfloat16": 2}[cfg.wire_dtype] if cfg.wire_dtype in WIRE_DTYPES else FLOAT_BYTES
+    parts = {"weights": size, "gradients": size, "AdamW moments": 2 * size, "φ+δ": 2 * size,
+             "published φ+δ": 2 * size, "exchange": 2 * size + wire * parameters,
+             "activations": _activation_bytes(cfg, vocab_size, cuda)}
+    if cfg.verify == "on":
+        parts["verification"] = 4 * size + 3 * cfg.audit_window * size
+    on_device = frozenset(("weights", "gradients", "AdamW moments", "φ+δ", "activations", "verification"))
+    return MemoryPlan(parts, on_device, cuda)
+
+
+def memory_estimate(cfg: NodeConfig, parameters: int, vocab_size: int = 256) -> int:
+    """Bytes the training device must hold (on CPU: everything), with 20% slack: a planning figure."""
+    return memory_plan(cfg, parameters, vocab_size).device_bytes()
+
+
+def _what_fits(cfg: NodeConfig, parameters: int, vocab_size: int, free: int) -> str:
+    """The first memory-saving local setting (not part of the manifest) under which the plan fits in `free`."""
+    options = [{"micro_batches": m} for m in (2, 4, 8, 16, 32) if m <= cfg.batch_size and m > cfg.micro_batches]
+    if cfg.model != "builtin" and cfg.grad_checkpointing == "off":
+        options += [{"grad_checkpointing": "on", **option} for option in [{}, *options]]
+    for option in options:
+        changed = dataclasses.replace(cfg, **option)
+        if memory_estimate(changed, parameters, vocab_size) <= free:
+            return "it fits with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in option.items())
+    return "no local setting makes it fit: a smaller model, smaller --batch-size/--context, or a larger machine"
 
 
 def _mem_available() -> int | None:
@@ -231,42 +296,78 @@ def _mem_available() -> int | None:
     return None
 
 
+def check_model(cfg: NodeConfig) -> tuple[Check, int, int]:
+    """Can the configured model be built for the tokenizer's vocabulary, and does `--init-weights` fit it (keys
+    and shapes from the file's header; nothing is allocated)? Returns (check, parameters, vocab size)."""
+    import torch
+
+    from node.config import ConfigError
+    from node.train.data import DataError
+    from node.train.model import count_parameters, init_weights_problems, make_model
+
+    try:
+        vocab_size = planned_vocab_size(cfg)
+        with torch.device("meta"):
+            model = make_model(cfg, vocab_size, load_weights=False)
+        problems = init_weights_problems(model, cfg.init_weights) if cfg.init_weights else []
+    except (ConfigError, DataError) as error:
+        return Check("model", FAIL, str(error), "fix --model, --tokenizer or --init-weights"), 0, 256
+    parameters = count_parameters(model)
+    detail = f"{cfg.model}: {parameters:,} parameters, vocabulary {vocab_size:,}"
+    if problems:
+        return (Check("model", FAIL, f"{detail}; init_weights {cfg.init_weights} does not fit ({len(problems)} "
+                      f"mismatches): {'; '.join(problems[:6])}", "use weights saved from this very model and vocabulary"),
+                parameters, vocab_size)
+    return Check("model", OK, detail + (f", weights from {cfg.init_weights}" if cfg.init_weights else "")), \
+        parameters, vocab_size
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
 
 
-def check_device(cfg: NodeConfig, parameters: int) -> Check:
+def check_device(cfg: NodeConfig, parameters: int, vocab_size: int = 256) -> Check:
     import torch
 
-    need = memory_estimate(cfg, parameters)
-    model = f"{parameters:,} parameters, ~{_gib(need)} of tensors per node"
+    model = f"{parameters:,} parameters"
     wants_cuda = cfg.device.startswith("cuda")
     if torch.cuda.is_available() and cfg.device != "cpu":
         index = int(cfg.device.split(":")[1]) if cfg.device.startswith("cuda:") else 0
         if index >= torch.cuda.device_count():
             return Check("device", FAIL, f"{cfg.device} requested but only {torch.cuda.device_count()} GPU(s)",
                          "pick an existing --device cuda:N (nvidia-smi lists them)")
+        plan = memory_plan(cfg, parameters, vocab_size, cuda=True)
+        need, host = plan.device_bytes(), plan.host_bytes()
         free, total = torch.cuda.mem_get_info(index)
         name = torch.cuda.get_device_name(index)
-        detail = f"{name} (CUDA {torch.version.cuda}): {_gib(free)} free of {_gib(total)}; model {model}"
+        detail = (f"{name} (CUDA {torch.version.cuda}): {_gib(free)} free of {_gib(total)}; model {model}, "
+                  f"~{_gib(need)} on the GPU + ~{_gib(host)} RAM ({plan.describe()})")
+        available = _mem_available()
         if need > free:
-            return Check("device", FAIL, detail, "free GPU memory (other processes: nvidia-smi), or a smaller model "
-                         "(--d-model/--n-layers), smaller --batch-size or more --micro-batches")
+            return Check("device", FAIL, detail + "; does not fit", "free GPU memory (other processes: nvidia-smi), or "
+                         f"use more --micro-batches: {_what_fits(cfg, parameters, vocab_size, free)}")
+        if available is not None and host > available:
+            return Check("device", FAIL, detail + f"; {_gib(available)} RAM available: the host part does not fit",
+                         "free RAM, or a machine with more memory")
         if need > 0.8 * free:
-            return Check("device", WARN, detail, "little headroom: close other GPU jobs or use more --micro-batches")
-        return Check("device", OK, detail)
+            return Check("device", WARN, detail + "; fits, barely",
+                         "little headroom: close other GPU jobs or use more --micro-batches")
+        return Check("device", OK, detail + "; fits")
     if wants_cuda:
         why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
                else "no CUDA device is visible (driver, container --gpus, CUDA_VISIBLE_DEVICES)")
         return Check("device", FAIL, f"--device {cfg.device} but {why}",
                      "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/"
                      "cu126) and check nvidia-smi, or use --device cpu")
+    plan = memory_plan(cfg, parameters, vocab_size, cuda=False)
+    need = plan.device_bytes()
     available = _mem_available()
-    detail = f"CPU ({os.cpu_count()} cores, no CUDA GPU); model {model}"
+    detail = f"CPU ({os.cpu_count()} cores, no CUDA GPU); model {model}, ~{_gib(need)} of tensors ({plan.describe()})"
     if available is not None:
         detail += f"; {_gib(available)} RAM available"
         if need > available:
-            return Check("device", FAIL, detail, "a smaller model or batch, or a machine with more memory")
+            return Check("device", FAIL, detail + "; does not fit", _what_fits(cfg, parameters, vocab_size, available))
+        detail += "; fits"
     fine = parameters <= 20_000_000
     return Check("device", OK if fine else WARN, detail,
                  "" if fine else "training this model on CPU is slow: a CUDA GPU is recommended")
@@ -353,10 +454,10 @@ def _our_manifest(cfg: NodeConfig) -> str:
     """The manifest hash this config would publish (loads the training data; DataError if it cannot)."""
     from protocol import PROTOCOL_VERSION, manifest_hash
 
-    from node.train.data import load_corpus
+    from node.train.data import load_run_corpus
 
-    corpus = load_corpus(cfg.data or None)
-    return manifest_hash(cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION))
+    corpus = load_run_corpus(cfg)
+    return manifest_hash(cfg.manifest(corpus.fingerprint, PROTOCOL_VERSION, corpus.vocab_size, corpus.tokenizer))
 
 
 async def _read_swarm_and_clocks(cfg: NodeConfig, clock_window: float
@@ -431,8 +532,12 @@ async def run_checks(cfg: NodeConfig, clock_window: float | None = None,
     add(check_listen_port(cfg))
     add(check_reachable(cfg))
     add(check_metrics_port(cfg))
-    parameters = model_parameters(cfg)
-    add(check_device(cfg, parameters))
+    model_check, parameters, vocab_size = check_model(cfg)
+    add(model_check)
+    if model_check.verdict == FAIL:
+        add(Check("device", SKIP, "no model to size"))
+    else:
+        add(check_device(cfg, parameters, vocab_size))
     add(check_disk(cfg, parameters))
     for check in await check_swarm(cfg, window):
         add(check)

@@ -8,11 +8,12 @@ float32 CPU arrays: that is the one narrow seam between the two worlds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +22,9 @@ from torch.nn.utils import parameters_to_vector
 
 from protocol import codecs
 
-from node.config import NodeConfig
+from node.config import ConfigError, NodeConfig
 from node.train.data import Corpus, ShardSampler, heldout_batches
-from node.train.model import ModelConfig, build_model
+from node.train.model import make_model
 from node.train.outer_step import (
     OuterHyper,
     apply_correction,
@@ -33,6 +34,7 @@ from node.train.outer_step import (
     pair_correction_full,
     pair_correction_theta,
 )
+from node.train.parallel import DataParallel, rank_devices
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,26 @@ def lr_at(step: int, cfg: NodeConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The inner step's autocast precision on `device`: bfloat16 on a CUDA GPU that has it, else none (float32).
+    A function of the device alone, so a replay on the same kind of device computes exactly what training did
+    (a model whose `mixed_precision` is False stays float32 anyway)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def inner_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               lr: float, grad_clip: float, micro_batches: int = 1) -> torch.Tensor:
+               lr: float, grad_clip: float, micro_batches: int = 1, autocast: torch.dtype | None = None,
+               average: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One inner AdamW step (gradient accumulated over `micro_batches` splits of the batch); returns the loss.
 
+    `autocast`: the forward pass's precision (`autocast_dtype`); parameters, gradients and AdamW stay float32.
     Shared by training and by verification replays, so a replay runs exactly this code.
     """
     device = next(model.parameters()).device
+    if not getattr(model, "mixed_precision", True):
+        autocast = None  # a model that trains in float32 everywhere (the builtin GPT: see ByteGPT.mixed_precision)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -79,9 +94,12 @@ def inner_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs:
     for x, y in zip(torch.tensor_split(inputs, micro_batches), torch.tensor_split(targets, micro_batches)):
         if not len(x):
             continue
-        loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) * (len(x) / batch)
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = model.loss(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) * (len(x) / batch)
         loss.backward()
         total += loss.detach()
+    if average is not None:  # data-parallel ranks (node/train/parallel.py): every rank's mean gradient and loss
+        total = average(model, total)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return total
@@ -103,6 +121,7 @@ class RoundStart:
     adam_m: torch.Tensor
     adam_v: torch.Tensor
     micro_batches: int = 1  # the gradient-accumulation split: committed, so a replay uses the same one
+    ranks: int = 1  # data-parallel ranks (`--devices`): a step is the mean over this many consecutive batches
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name).float().cpu().contiguous().numpy() for name in START_TENSORS}
@@ -165,7 +184,8 @@ class Trainer:
 
     def __init__(self, cfg: NodeConfig, corpus: Corpus, shard: int, sampler_seed: int) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        devices = rank_devices(cfg.devices)  # data-parallel ranks, rank 0 (this process) first; []: one process
+        self.device = devices[0] if devices else resolve_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cuda" and cfg.verify == "on":
@@ -174,8 +194,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.deterministic = True
-        model_cfg = ModelConfig.from_node_config(cfg)
-        self.model = build_model(model_cfg, cfg.seed).to(self.device)
+        self.model = make_model(cfg, corpus.vocab_size).to(self.device)
+        self.autocast = autocast_dtype(self.device)
+        if cfg.compile == "on":
+            # compiles this module's forward in place: parameters, their order and the state dict stay as they
+            # are; verification replays build their own model and run it eagerly
+            if not hasattr(self.model, "compile"):
+                raise ConfigError(f"compile on needs torch >= 2.2 (nn.Module.compile); this is {torch.__version__}")
+            self.model.compile()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)
         self.slow_weights = self._fast_vector()  # parameters_to_vector already copies
@@ -189,6 +215,9 @@ class Trainer:
         self.interrupt = threading.Event()  # set by the daemon on leave: the round ends early
         self.shard = shard
         self.round_start: RoundStart | None = None  # the current round's start (None: resumed mid-round)
+        # ranks 1..N-1 (`--devices`): worker processes that mirror this model and step with it
+        self.parallel = DataParallel(cfg, self.model, self.optimizer, devices, corpus.vocab_size) if len(devices) > 1 else None
+        self.ranks = len(devices) if self.parallel is not None else 1
 
     def fast_weights(self) -> torch.Tensor:
         """θ as a flat copy."""
@@ -228,7 +257,7 @@ class Trainer:
     def _capture_start(self) -> RoundStart:
         m, v, step = self.flat_moments()
         return RoundStart(self.global_step, self.shard, copy.deepcopy(self.sampler.state_dict()), step,
-                          self.slow_weights, m, v, self.cfg.micro_batches)
+                          self.slow_weights, m, v, self.cfg.micro_batches, self.ranks)
 
     @property
     def round_complete(self) -> bool:
@@ -243,14 +272,20 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         losses = []
+        if self.parallel is not None and not self.round_complete:
+            self.parallel.sync_state()  # what changed here since the last step (outer step, sync, restore) reaches all
         while self.step_in_round < self.cfg.inner_steps:
             if self.interrupt.is_set():
                 break
             if self.step_in_round == 0 and self.cfg.verify == "on":  # only verifiers replay rounds
                 self.round_start = self._capture_start()
-            inputs, targets = self.sampler.next_batch()
-            loss = inner_step(self.model, self.optimizer, inputs, targets, lr_at(self.global_step, self.cfg),
-                              self.cfg.grad_clip, self.cfg.micro_batches)
+            lr = lr_at(self.global_step, self.cfg)
+            if self.parallel is not None:
+                loss = self.parallel.inner_step(self.sampler, lr, self.autocast)
+            else:
+                inputs, targets = self.sampler.next_batch()
+                loss = inner_step(self.model, self.optimizer, inputs, targets, lr, self.cfg.grad_clip,
+                                  self.cfg.micro_batches, self.autocast)
             losses.append(loss)
             self.global_step += 1
             self.step_in_round += 1
@@ -259,9 +294,14 @@ class Trainer:
         values = torch.stack(losses).float().cpu()
         if not torch.isfinite(values).all():
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}")
-        tokens = len(losses) * self.cfg.batch_size * self.cfg.context
+        tokens = len(losses) * self.ranks * self.cfg.batch_size * self.cfg.context
         return RoundStats(len(losses), float(values.mean()), tokens, time.perf_counter() - started,
                           tuple(values.tolist()))
+
+    def close(self) -> None:
+        """Stop the data-parallel workers, if any (the node is leaving)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def evaluate(self) -> float:
         """Mean loss of the slow weights φ on the shared held-out set."""

@@ -14,10 +14,10 @@ import torch
 
 from protocol.verification import data_assignment
 
-from node.config import NodeConfig
+from node.config import MAX_RANKS, NodeConfig
 from node.train.data import Corpus, ShardSampler
-from node.train.model import ModelConfig, build_model
-from node.train.trainer import START_TENSORS, RoundStart, inner_step, lr_at
+from node.train.model import make_model
+from node.train.trainer import START_TENSORS, RoundStart, autocast_dtype, inner_step, lr_at
 
 
 class ReplayError(ValueError):
@@ -44,7 +44,8 @@ def sent_digest(tensors: dict[str, np.ndarray]) -> str:
 
 def describe_start(start: RoundStart) -> tuple[dict[str, np.ndarray], str]:
     """(tensors, data assignment JSON) of a captured round start, as committed and served."""
-    return start.tensors(), data_assignment(start.shard, start.sampler, start.adam_step, start.micro_batches)
+    return start.tensors(), data_assignment(start.shard, start.sampler, start.adam_step, start.micro_batches,
+                                            start.ranks)
 
 
 def start_from_wire(tensors: dict[str, np.ndarray], data: str, global_step: int, numel: int) -> RoundStart:
@@ -52,9 +53,11 @@ def start_from_wire(tensors: dict[str, np.ndarray], data: str, global_step: int,
     try:
         meta = json.loads(data)
         shard, sampler, adam_step = int(meta["shard"]), meta["sampler"], int(meta["adam_step"])
-        micro_batches = int(meta.get("micro_batches", 1))
+        micro_batches, ranks = int(meta.get("micro_batches", 1)), int(meta.get("ranks", 1))
         if not isinstance(sampler, dict) or adam_step < 0 or not 1 <= micro_batches <= 1024:
             raise ValueError("bad sampler state, Adam step or micro-batch split")
+        if not 1 <= ranks <= MAX_RANKS:  # a replay costs `ranks` times a one-process round: bounded
+            raise ValueError(f"ranks must be in [1, {MAX_RANKS}]")
     except (ValueError, KeyError, TypeError) as error:
         raise ReplayError(f"malformed data assignment: {error}") from error
     arrays = {}
@@ -64,7 +67,7 @@ def start_from_wire(tensors: dict[str, np.ndarray], data: str, global_step: int,
             raise ReplayError(f"start tensor {name} of shape {array.shape}, expected ({numel},)")
         arrays[name] = torch.from_numpy(np.array(array, dtype=np.float32))
     return RoundStart(global_step, shard, sampler, adam_step, arrays["phi"], arrays["adam_m"], arrays["adam_v"],
-                      micro_batches)
+                      micro_batches, ranks)
 
 
 class Replayer:
@@ -72,8 +75,9 @@ class Replayer:
 
     def __init__(self, cfg: NodeConfig, corpus: Corpus, device: torch.device | str = "cpu") -> None:
         self.cfg, self.corpus, self.device = cfg, corpus, torch.device(device)
-        model_cfg = ModelConfig.from_node_config(cfg)
-        self.model = build_model(model_cfg, cfg.seed).to(self.device)
+        # eager even under `--compile on`, and no init-weights file: the start state overwrites every weight
+        self.model = make_model(cfg, corpus.vocab_size, load_weights=False).to(self.device)
+        self.autocast = autocast_dtype(self.device)  # the precision training used on this kind of device
         self.numel = sum(p.numel() for p in self.model.parameters())
 
     @torch.no_grad()
@@ -110,6 +114,11 @@ class Replayer:
         The micro-batch split is the committed one unless `micro_batches` overrides it (the
         benchmark does, to measure what a different split would cost in agreement).
 
+        A data-parallel peer's step (`start.ranks` > 1) is replayed in this one process: the same
+        `ranks` consecutive batches concatenated, each rank's micro-batch split kept. The mean loss of
+        the concatenation is the mean of the ranks' losses, so this equals the peer's all-reduced step in
+        exact arithmetic; float reduction order differs (tests/unit/test_parallel.py measures by how much).
+
         `sampler` and `skip` exist for the verification benchmark, which simulates cheaters
         (other data, skipped steps) with this same code; verifiers never pass them.
         """
@@ -120,9 +129,12 @@ class Replayer:
         self.model.train()
         for index in range(steps):
             inputs, targets = sampler.next_batch()
+            if start.ranks > 1:
+                draws = [(inputs, targets)] + [sampler.next_batch() for _ in range(start.ranks - 1)]
+                inputs, targets = torch.cat([x for x, _ in draws]), torch.cat([y for _, y in draws])
             if index in skip:
                 continue
             inner_step(self.model, optimizer, inputs, targets, lr_at(start.global_step + index, self.cfg),
-                       self.cfg.grad_clip, micro_batches or start.micro_batches)
+                       self.cfg.grad_clip, (micro_batches or start.micro_batches) * start.ranks, self.autocast)
         theta = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
         return theta - start.phi.to(self.device)
