@@ -178,20 +178,10 @@ class WorkerHandle:
 
 def build_replica_model(cfg: NodeConfig, vocab_size: int,
                         device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A worker's model and AdamW, built as `Trainer.__init__` builds the node's (the weights come from rank 0)."""
-    from node.train.model import make_model
+    """A worker's model and AdamW, built by the very function that builds the node's (the weights come from rank 0)."""
+    from node.train.trainer import training_model  # (the trainer imports this module)
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        if cfg.verify == "on":  # as on rank 0: replicas and replays agree only without TF32
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cudnn.deterministic = True
-    model = make_model(cfg, vocab_size, load_weights=False).to(device)
-    if cfg.compile == "on":
-        model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return model, optimizer
+    return training_model(cfg, vocab_size, device, load_weights=False)
 
 
 def _worker_main(spec: WorkerSpec, conn: Connection) -> None:

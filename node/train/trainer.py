@@ -177,6 +177,30 @@ def outgoing_tensors(slow: torch.Tensor, fast: torch.Tensor, theta_only: bool, w
         tensors = {"phi": slow, "delta_update": fast - slow}
     return {name: codecs.round_trip(t.float().cpu().contiguous().numpy(), wire_dtype) for name, t in tensors.items()}
 
+def training_model(cfg: NodeConfig, vocab_size: int, device: torch.device,
+                   load_weights: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and AdamW that train: the node's (rank 0) and each data-parallel worker's are built here, so the
+    replicas cannot drift apart in how they are set up. (`load_weights` False: a worker, whose weights come from
+    rank 0, skips reading --init-weights.)"""
+    if device.type == "cuda":
+        if device.index is not None:  # a data-parallel rank's own GPU ("cuda" alone: the current one)
+            torch.cuda.set_device(device)
+        if cfg.verify == "on":
+            # verifiers replay our rounds: keep cheap sources of nondeterminism off (TF32 alone changes
+            # matmul results by ~1e-3 relative); what remains is measured by `gossiptrain bench verify`
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic = True
+    model = make_model(cfg, vocab_size, load_weights=load_weights).to(device)
+    if cfg.compile == "on":
+        # compiles this module's forward in place: parameters, their order and the state dict stay as they
+        # are; verification replays build their own model and run it eagerly
+        if not hasattr(model, "compile"):
+            raise ConfigError(f"compile on needs torch >= 2.2 (nn.Module.compile); this is {torch.__version__}")
+        model.compile()
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 class Trainer:
     """Owns the model, the optimizer and φ/δ. Its methods run on the trainer thread only (the node's
     single-worker executor); what the event loop gets are return values and `published`, an
@@ -188,21 +212,8 @@ class Trainer:
         self.device = devices[0] if devices else resolve_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        if self.device.type == "cuda" and cfg.verify == "on":
-            # verifiers replay our rounds: keep cheap sources of nondeterminism off (TF32 alone changes
-            # matmul results by ~1e-3 relative); what remains is measured by `gossiptrain bench verify`
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cudnn.deterministic = True
-        self.model = make_model(cfg, corpus.vocab_size).to(self.device)
+        self.model, self.optimizer = training_model(cfg, corpus.vocab_size, self.device)
         self.autocast = autocast_dtype(self.device)
-        if cfg.compile == "on":
-            # compiles this module's forward in place: parameters, their order and the state dict stay as they
-            # are; verification replays build their own model and run it eagerly
-            if not hasattr(self.model, "compile"):
-                raise ConfigError(f"compile on needs torch >= 2.2 (nn.Module.compile); this is {torch.__version__}")
-            self.model.compile()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)
         self.slow_weights = self._fast_vector()  # parameters_to_vector already copies
         self.outer_momentum = torch.zeros_like(self.slow_weights)
