@@ -165,12 +165,19 @@ class Results:
 
 
 # ---------------------------------------------------------------------- configurations
-def bench_config(tiny: bool) -> NodeConfig:
-    """The default model and round (NodeConfig defaults) on CPU; --tiny: a small model and a short round."""
+def bench_config(tiny: bool, model: str = "builtin") -> NodeConfig:
+    """The default model and round (NodeConfig defaults) on CPU; --tiny: a small model and a short round;
+    `model`: another model to calibrate for (a preset or a transformers config; --model)."""
     if tiny:
         return NodeConfig(device="cpu", d_model=32, n_layers=1, n_heads=2, context=32, batch_size=8,
-                          inner_steps=8, warmup_steps=8).validate()
-    return NodeConfig(device="cpu").validate()
+                          inner_steps=8, warmup_steps=8, model=model).validate()
+    return NodeConfig(device="cpu", model=model).validate()
+
+
+def _model_name(cfg: NodeConfig) -> str:
+    if cfg.model == "builtin":
+        return f"byte GPT d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads"
+    return f"{cfg.model} (transformers, byte vocabulary 256)"
 
 
 def configured_tolerances(cfg: NodeConfig) -> Tolerances:
@@ -530,7 +537,7 @@ def _header(cfg: NodeConfig, numel: int, trials: int, configured: Tolerances, cu
         "(node.verify.replay.Replayer, the training code), checks that the committed LSH signature describes the update "
         "actually sent, and compares the sent update with the replay under a projection drawn from the audit seed "
         f"(node.verify.service.judge_audit); a committee of {COMMITTEE_SIZE} votes, 2 rejects of 3 flag the peer\n"
-        f"model: byte GPT d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context}, "
+        f"model: {_model_name(cfg)}, context {cfg.context}, "
         f"batch {cfg.batch_size}, {numel:,} parameters; H = {cfg.inner_steps} inner AdamW steps per round; "
         f"lr {cfg.lr:g} (warm-up {cfg.warmup_steps} steps); LSH {DEFAULT_BITS} bits, 128-dim sketch\n"
         f"{trials} trials: rounds {rounds} (0-based) of honest peers k = 0, 1, ... on shard 5k mod {cfg.num_shards}, "
@@ -570,13 +577,14 @@ commitment every round, plus {committee} × rate × (replay + 3 sign + 2 digest)
 
 
 def run_benchmark(trials: int = DEFAULT_TRIALS, tiny: bool = False, sizes: list[int] | None = None,
-                  repeats: int = 3) -> int:
-    """Measure honest variation, attack detection and cost; print the tables; 0 on success."""
+                  repeats: int = 3, model: str = "builtin") -> int:
+    """Measure honest variation, attack detection and cost for `model` (on the byte-level built-in corpus, so a
+    transformers model gets vocabulary 256); print the tables; 0 on success."""
     if trials <= 0 or repeats <= 0 or (sizes is not None and min(sizes, default=1) <= 0):
         print("trials, repeats and numel must be positive", file=sys.stderr)
         return 2
     sizes = list(sizes) if sizes else list(TINY_SIZES if tiny else DEFAULT_SIZES)
-    cfg = bench_config(tiny)
+    cfg = bench_config(tiny, model)
     configured = Tolerances(cfg.verify_max_hamming, cfg.verify_max_rel_l2, cfg.verify_max_norm_ratio)
     began = time.perf_counter()
     corpus = load_corpus()

@@ -34,6 +34,9 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
                         help="verify: start states (trials) to test (default 12)")
     parser.add_argument("--tiny", action="store_true",
                         help="verify: a small model and an 8-step round, for a smoke run")
+    parser.add_argument("--model", default=None, metavar="MODEL",
+                        help="verify: calibrate the tolerances for this model (a preset such as llama-25m, or a "
+                             "transformers config.json; default: the builtin GPT)")
     parser.add_argument("--count", type=int, default=None, metavar="N",
                         help="fuzz: cases per stream handler and per DHT record kind (default 10000)")
     parser.add_argument("--seed", type=int, default=None, help="fuzz: the seed every case is drawn from (default 13)")
@@ -56,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     if args.what == "partition":
         from node.bench import partition
 
-        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3 or args.count is not None:
+        if (args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3 or args.count is not None
+                or args.model is not None):
             print("bench partition: --numel, --repeats, --trials, --tiny and --count are not partition flags "
                   "(python -m node.bench.partition --help)", file=sys.stderr)
             return 2
@@ -72,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     if args.what == "wan":
         from node.bench import wan
 
-        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3:
+        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3 or args.model is not None:
             print("bench wan: --numel, --repeats, --trials and --tiny are not wan flags "
                   "(python -m node.bench.wan --help)", file=sys.stderr)
             return 2
@@ -84,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     if args.what == "fuzz":
         from node.bench import fuzz
 
-        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3:
+        if args.numel is not None or args.trials is not None or args.tiny or args.repeats != 3 or args.model is not None:
             print("bench fuzz: --numel, --repeats, --trials and --tiny are not fuzz flags", file=sys.stderr)
             return 2
         count = fuzz.DEFAULT_COUNT if args.count is None else args.count
@@ -101,14 +105,14 @@ def main(args: argparse.Namespace) -> int:
     if fuzz_flags:
         print(f"bench {args.what}: --count, --seed, --targets and --verbose are for bench fuzz", file=sys.stderr)
         return 2
-    if args.what != "verify" and (args.trials is not None or args.tiny):
-        print(f"bench {args.what}: --trials and --tiny are for bench verify", file=sys.stderr)
+    if args.what != "verify" and (args.trials is not None or args.tiny or args.model is not None):
+        print(f"bench {args.what}: --trials, --tiny and --model are for bench verify", file=sys.stderr)
         return 2
     if args.what == "verify":
         from node.bench import verify as bench_verify
 
         trials = bench_verify.DEFAULT_TRIALS if args.trials is None else args.trials
-        return bench_verify.run_benchmark(trials, args.tiny, args.numel, args.repeats)
+        return bench_verify.run_benchmark(trials, args.tiny, args.numel, args.repeats, args.model or "builtin")
     if args.what == "state-sync":
         from node.bench import state as bench_state
 

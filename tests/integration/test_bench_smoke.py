@@ -70,3 +70,13 @@ def test_bench_wire_prints_both_dtypes_side_by_side():
     assert set(rows) == {"float32", "bfloat16"}, result.stdout
     assert rows["float32"][2] == "1.0000" and float(rows["bfloat16"][2]) > 0, result.stdout  # the ratio to float32
     assert float(rows["bfloat16"][3]) * 2 == float(rows["float32"][3]), result.stdout  # MB per exchange: half
+
+
+def test_bench_verify_calibrates_for_a_transformers_preset():
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "bench", "verify", "--tiny", "--model", "llama-test", "--trials", "1",
+         "--numel", "100000", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "llama-test (transformers" in result.stdout
+    assert "suggested tolerances" in result.stdout
