@@ -157,6 +157,9 @@ class NodeConfig:
     vote_timeout: float = 60.0
     audit_window: int = 3
     verify_record_ttl: float = 3600.0
+    # peer ids that alone sit on audit committees (repeat --trusted-peer; empty: every peer live before the audited
+    # exchange). Part of the manifest: every node must rank the same candidates
+    trusted_peers: list[str] = field(default_factory=list)
     # --- observability ---
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
@@ -216,6 +219,9 @@ class NodeConfig:
                 raise ConfigError(message)
         self._validate_model()
         parse_devices(self.devices, _cuda_count)  # raises on a malformed spec or missing GPUs
+        for peer in self.trusted_peers:
+            if not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{40,60}", peer):
+                raise ConfigError(f"trusted_peers: {peer[:80]!r} is not a peer id (base58, like 12D3KooW...)")
         return self
 
     def _validate_model(self) -> None:
@@ -254,7 +260,8 @@ class NodeConfig:
             "outer": self._values("sync", "inner_steps", "alpha", "beta", "gamma", "overlap"),
             "wire": self._values("chunk_bytes", "wire_dtype"),
             "verify": {"on": self.verify,
-                       **self._values("rate", "max_hamming", "max_rel_l2", "max_norm_ratio", prefix="verify_")},
+                       **self._values("rate", "max_hamming", "max_rel_l2", "max_norm_ratio", prefix="verify_"),
+                       **({"trusted_peers": sorted(set(self.trusted_peers))} if self.trusted_peers else {})},
         }
 
     def _model_manifest(self, vocab_size: int) -> dict[str, Any]:

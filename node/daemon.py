@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -223,6 +224,7 @@ class Node:
                     tolerances=Tolerances(cfg.verify_max_hamming, cfg.verify_max_rel_l2, cfg.verify_max_norm_ratio),
                     vote_timeout=cfg.vote_timeout, audit_window=cfg.audit_window, record_ttl=cfg.verify_record_ttl,
                     lsh_seed=int.from_bytes(bytes.fromhex(self.manifest_hash[:16]), "big"),
+                    trusted=frozenset(cfg.trusted_peers),
                 ),
                 self.trainer, replayer, self._compute, self.background,
             )
@@ -496,6 +498,8 @@ class Node:
             "votes": votes,
             "distrusted": sorted(self.verification.distrusted) if self.verification is not None else [],
             "seconds": time.time() - self.started_at,
+            # this process's peak resident memory (Linux reports KiB): what a node of this model needs
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
 
     def _write_status(self, status: str) -> None:

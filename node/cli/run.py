@@ -24,7 +24,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kind = hints[name]
         if kind == list[str]:
-            singular = {"initial_peers": "--initial-peer", "data": "--data", "announce": "--announce"}[name]
+            singular = {"initial_peers": "--initial-peer", "data": "--data", "announce": "--announce",
+                        "trusted_peers": "--trusted-peer"}[name]
             parser.add_argument(singular, dest=name, action="append", default=None, metavar="VALUE",
                                 help=f"{name} (repeatable)")
         else:

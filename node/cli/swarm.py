@@ -71,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
             "ex failed": sum(exchanges.get(k, 0) for k in FAILED_RESULTS),
             "refused": exchanges.get("rejected", 0),
             "alone": exchanges.get("no_partner", 0), "seconds": summary.get("seconds", math.nan),
+            "peak MiB": summary["peak_rss_bytes"] / 2**20 if "peak_rss_bytes" in summary else math.nan,
             "exit": swarm.nodes[index].process.returncode,
         })
     print(f"\nsummary\n{format_table(rows)}", flush=True)

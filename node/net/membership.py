@@ -43,6 +43,7 @@ from node.net.dht import DHTClient, DHTUnavailable, Entry
 logger = logging.getLogger(__name__)
 
 UNKNOWN_ROUND = -1  # a live peer whose presence record has no (valid) round
+MAX_REMEMBERED_PEERS = 4096  # live_since entries kept
 
 
 class ManifestMismatch(RuntimeError):
@@ -68,6 +69,9 @@ class Membership:
         self.keys = {"peers": presence_key(run_id), "ready": ready_key(run_id)}
         self.live: dict[str, PeerRecord] = {}
         self.departed: set[str] = set()  # peers whose latest presence says they left cleanly (last refresh)
+        # wall-clock time each peer last entered our live view (kept after it leaves; reset when it comes back):
+        # verification seats a peer on committees only if it was live before the audited exchange happened
+        self.live_since: dict[str, float] = {}
         self.malformed_records = 0  # presence/ready records skipped as malformed (counted, debug-logged)
         self._ready_expiration = 0.0
         self._presence_expiration = 0.0
@@ -167,6 +171,11 @@ class Membership:
             live[entry.subkey] = PeerRecord(entry.subkey, round_, presence.eval_loss, entry.expiration, presence.maddrs)
         joined, left = live.keys() - self.live.keys(), self.live.keys() - live.keys()
         self.live, self.departed = live, departed
+        for peer in joined:
+            self.live_since[peer] = now
+        if len(self.live_since) > MAX_REMEMBERED_PEERS:  # bounded whatever the DHT says: forget departed peers first
+            for peer in [p for p in self.live_since if p not in live][: len(self.live_since) - MAX_REMEMBERED_PEERS]:
+                del self.live_since[peer]
         if joined or left:
             self.on_view_change(set(joined), set(left))
         return live

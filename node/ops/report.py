@@ -526,7 +526,7 @@ def _key(**kwargs):
 
 def _label_loss(canvas: _Canvas) -> None:
     ax = canvas.panels[0]
-    ax.set(title="Loss", ylabel="loss (nats/byte)")
+    ax.set(title="Loss", ylabel="loss (nats/token; a byte for the builtin model)")
     ax.legend(handles=[_key(label="held-out"), _key(linewidth=0.9 * canvas.scale, alpha=0.45, label="train")],
               loc="upper right")
 

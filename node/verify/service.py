@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class VerifySettings:
     audit_window: int
     record_ttl: float
     lsh_seed: int
+    trusted: frozenset[str] = frozenset()  # `--trusted-peer`s: only they sit on committees (empty: every eligible peer)
 
     @property
     def run_id(self) -> str:
@@ -130,6 +132,11 @@ SENT_PREFIX = "sent."
 # A verifier ranks the committee over its own view of the live peers; the audited peer checks a requester
 # against its view, which may hold a few peers more (just joined, not yet expired): this many places spare.
 AUDIT_RANK_SLACK = 2
+# A peer sits on the committee of an audit only if it entered our live view at least this long before the audited
+# exchange (the attested time): identities made after the exchange, when its lottery seed could be known, cannot
+# be seated, however well their keys were ground to rank first. (A few heartbeats: views differ by about that.)
+ELIGIBLE_BEFORE_EXCHANGE = 10.0
+SERVE_SLACK = 2 * ELIGIBLE_BEFORE_EXCHANGE  # the audited peer's cutoff is this much later (see _audit_refusal)
 
 
 def may_fetch_audit(seed: bytes, requester: str, candidates: set[str], audited: str) -> bool:
@@ -241,6 +248,7 @@ class Audit:
     seed: bytes
     commitment: Commitment
     first_seen: float
+    exchanged_at: float = 0.0  # the receipt's attested time: committee seats go to peers live before it
     voted: bool = False
     verdict: str | None = None
     unavailable_since: float | None = None  # the start state could not be fetched since then
@@ -283,6 +291,7 @@ class Verification:
         self.p2p, self.membership, self.metrics, self.identity = p2p, membership, metrics, identity
         self.settings, self.trainer, self.replayer, self.compute = settings, trainer, replayer, compute
         self.me = identity.peer_id
+        self.started_at = get_dht_time()  # our own committee eligibility counts from here
         self.signer = UpdateSigner(settings.stream.numel, settings.lsh_seed, device="cpu")
         self.retained: dict[int, RetainedStart] = {}
         self.audits: dict[tuple[str, int], Audit] = {}
@@ -520,18 +529,21 @@ class Verification:
     async def _audit_refusal(self, peer: str, round_: int) -> str | None:
         """None if `peer` may fetch our start state of `round_`; else the reject reason: `bad_request` for a
         peer on no committee of an audit drawn on that round, `busy` when the DHT did not answer."""
-        candidates = set(self.membership.live) - set(self.flagged) - {self.me}
-        if peer not in candidates:
+        live = set(self.membership.live) - {self.me}
+        if peer not in live:
             return "bad_request"  # a verifier is a live peer (a new one: it asks again in a second)
         try:
-            seeds = await self._drawn_audit_seeds(round_)
+            drawn = await self._drawn_audit_seeds(round_)
         except DHTUnavailable:
             return "busy"
-        return None if any(may_fetch_audit(seed, peer, candidates, self.me) for seed in seeds) else "bad_request"
+        # served generously: with the cutoff SERVE_SLACK later than the verifiers' own, so a verifier that is seated
+        # in its view (it saw itself start before we saw it) is never turned away and made to vote reject
+        return None if any(may_fetch_audit(seed, peer, self.eligible(live, exchanged_at + SERVE_SLACK), self.me)
+                           for seed, exchanged_at in drawn) else "bad_request"
 
-    async def _drawn_audit_seeds(self, round_: int) -> list[bytes]:
-        """The seeds of the audits drawn on our round `round_`: one per valid receipt for it under {run}.audits
-        (signed by its receiver, for the tensors we committed to, drawn by the lottery)."""
+    async def _drawn_audit_seeds(self, round_: int) -> list[tuple[bytes, float]]:
+        """(seed, attested exchange time) of the audits drawn on our round `round_`: one per valid receipt for it
+        under {run}.audits (signed by its receiver and by us, for the tensors we committed to, drawn by the lottery)."""
         commitment = await self._commitment(self.me, round_)
         if commitment is None:
             return []
@@ -546,7 +558,7 @@ class Verification:
                 continue
             seed = audit_seed(run_id, self.me, round_, commitment.digest(), receipt.lottery_nonce())
             if is_sampled(seed, self.settings.rate):
-                seeds.append(seed)
+                seeds.append((seed, receipt.sent_at))
         return seeds
 
     def _signed_by_receiver(self, receipt: Receipt, receiver: str, signature: bytes) -> bool:
@@ -664,8 +676,19 @@ class Verification:
                 continue
             audit.votes[verifier] = vote
 
+    def eligible(self, peers: set[str], exchanged_at: float) -> set[str]:
+        """Who of `peers` may sit on the committee of an audit of an exchange made at `exchanged_at`: trusted (when
+        `--trusted-peer`s are set), not flagged, and live in our view since ELIGIBLE_BEFORE_EXCHANGE before it. A
+        voter that was seated keeps its seat after it leaves; a key never live before the exchange never gets one."""
+        since = self.membership.live_since
+        cutoff = exchanged_at - ELIGIBLE_BEFORE_EXCHANGE
+        trusted = self.settings.trusted
+        return {peer for peer in peers - set(self.flagged)
+                if since.get(peer, self.started_at if peer == self.me else math.inf) <= cutoff
+                and (not trusted or peer in trusted)}
+
     def _ranking(self, audit: Audit) -> list[str]:
-        candidates = (set(self.membership.live) | {self.me} | set(audit.votes)) - set(self.flagged)
+        candidates = self.eligible(set(self.membership.live) | {self.me} | set(audit.votes), audit.exchanged_at)
         return committee_ranking(audit.seed, candidates, audit.peer)
 
     def _conclude(self, audit: Audit, verdict: str, ranking: list[str]) -> None:
@@ -730,7 +753,7 @@ class Verification:
             if not is_sampled(seed, self.settings.rate):
                 self._ignore(marker)  # a receipt published although the lottery said no: not an audit
                 continue
-            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic())
+            self.audits[(peer, round_)] = Audit(peer, round_, seed, commitment, time.monotonic(), receipt.sent_at)
 
     def _ignore(self, marker: bytes, bad: bool = True) -> None:
         """A bad (counted once) or stale receipt (by the digest of its bytes): not re-read every pass."""

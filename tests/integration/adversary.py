@@ -29,12 +29,23 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from protocol.records import MAX_RECEIPTS, Presence, commit_key, entry_signing_bytes, pack_entry, receipts_key
+from protocol.records import (
+    MAX_RECEIPTS,
+    Presence,
+    commit_key,
+    entry_signing_bytes,
+    pack_entry,
+    presence_key,
+    receipts_key,
+    votes_key,
+)
 from protocol.verification import (
     Attestation,
     Commitment,
     Receipt,
+    Vote,
     audit_seed,
+    committee_ranking,
     envelope,
     is_sampled,
     nonce_commitment,
@@ -75,14 +86,18 @@ class Adversary:
         self.p2p, self.dht, self.identity = p2p, dht, identity
         self.peer_id = identity.peer_id
         self.signer = ForgingSigner(identity)
+        self.sybil_votes_cast = 0
+        self._voted_on: set[tuple[str, int]] = set()  # audits already attacked
         self.stores = 0  # store calls made
         self.accepted = 0  # (key, subkey) stores some DHT node (possibly only its own) reported as done
 
     async def store(self, key: str, value: Any, expiration: float, subkey: str | None = None,
-                    mode: str = "raw") -> bool:
-        """One write: `raw` (unsigned), `forged` (under any subkey, signed with its own key) or `own` (its subkey)."""
+                    mode: str = "raw", as_identity: Identity | None = None) -> bool:
+        """One write: `raw` (unsigned), `forged` (under any subkey, signed with its own key) or `own` (its subkey;
+        `as_identity`: another identity of the attacker's, a Sybil, under that one's subkey and signature)."""
+        self.signer.identity = as_identity or self.identity
         if mode == "own":
-            subkey = self.peer_id
+            subkey = self.signer.identity.peer_id
         self.signer.names[dht_key_id(key)] = key
         self.dht.protocol.record_validator = None if mode == "raw" else self.signer
         try:
@@ -141,6 +156,49 @@ class Adversary:
         await self.store(f"{run_id}.peers", body, get_dht_time() + 60, mode="own")
 
 
+    async def sybil_votes(self, run_id: str, rate: float, limit: int = 4) -> int:
+        """Reject votes on honest peers' genuine audits by fresh keys ground to rank first and second for each
+        audit's (public) seed: the committee capture measured before voters needed to be live before the audited
+        exchange. Returns the votes stored this call."""
+        try:
+            audits = await asyncio.wait_for(self.dht.get(receipts_key(run_id), latest=True), 10)
+            peers = await asyncio.wait_for(self.dht.get(presence_key(run_id), latest=True), 10)
+        except Exception:  # noqa: BLE001 - nothing to attack this time
+            return 0
+        live = [p for p in (peers.value if peers is not None and isinstance(peers.value, dict) else {}) if p != self.peer_id]
+        cast = 0
+        for receiver, entry in (audits.value if audits is not None and isinstance(audits.value, dict) else {}).items():
+            if receiver == self.peer_id or cast >= limit:
+                continue
+            try:
+                blobs = _signed_value(entry.value)
+            except Exception:  # noqa: BLE001 - not a receipts entry
+                continue
+            for blob in blobs if isinstance(blobs, list) else []:
+                try:
+                    receipt, _ = open_envelope(blob, Receipt)
+                    found = await asyncio.wait_for(self.dht.get(commit_key(run_id, receipt.round), latest=True), 10)
+                    commitment, _ = open_envelope(_signed_value(found.value[receipt.sender].value), Commitment)
+                except Exception:  # noqa: BLE001 - unreadable: skip it
+                    continue
+                seed = audit_seed(run_id, receipt.sender, receipt.round, commitment.digest(), receipt.lottery_nonce())
+                if not is_sampled(seed, rate) or (receipt.sender, receipt.round) in self._voted_on:
+                    continue
+                self._voted_on.add((receipt.sender, receipt.round))
+                rivals = [p for p in live if p != receipt.sender]
+                for place in range(2):
+                    key = _ground_identity(seed, receipt.sender, rivals, place + 1)
+                    rivals.append(key.peer_id)
+                    vote = Vote(run_id, receipt.sender, receipt.round, key.peer_id, "reject", "sybil", 1.0, 9.0, 9.0)
+                    if await self.store(votes_key(run_id, receipt.sender, receipt.round),
+                                        envelope(vote, key.sign(signing_bytes(vote))), get_dht_time() + 600,
+                                        mode="own", as_identity=key):
+                        cast += 1
+                if cast >= limit:
+                    break
+        self.sybil_votes_cast += cast
+        return cast
+
     async def forge_receipts(self, run_id: str, victims: list[str], rounds: list[int], rate: float) -> int:
         """Receipts as if this adversary had received each victim's θ of each of `rounds`: the digest copied from
         the victim's public commitment, the nonce ground until the audit lottery draws it, signed by the adversary
@@ -176,6 +234,15 @@ class Adversary:
                     break
             blobs.append(envelope(receipt, self.identity.sign(signing_bytes(receipt))))
         return blobs
+
+
+def _ground_identity(seed: bytes, audited: str, rivals: list[str], top: int) -> Identity:
+    """A fresh identity ranking within the first `top` of an audit's committee order (a few tries)."""
+    for _ in range(10_000):
+        key = Identity.generate()
+        if committee_ranking(seed, [*rivals, key.peer_id], audited).index(key.peer_id) < top:
+            return key
+    raise RuntimeError("no identity ranked")
 
 
 def _signed_value(stored: Any) -> Any:

@@ -120,3 +120,14 @@ def test_model_config_comes_from_the_node_config_and_matches_the_manifest():
 def test_sizes_below_one_are_refused(name):
     with pytest.raises(ConfigError, match="context, d_model, n_layers, n_heads and batch_size must be >= 1"):
         NodeConfig(**{name: 0}).validate()
+
+
+def test_trusted_peers_are_peer_ids_repeatable_and_in_the_manifest():
+    peer_a, peer_b = "12D3KooW" + "A" * 44, "12D3KooW" + "B" * 44
+    args = build_parser().parse_args(["run", "--trusted-peer", peer_b, "--trusted-peer", peer_a])
+    cfg = config_from_args(args)
+    assert cfg.trusted_peers == [peer_b, peer_a]
+    assert cfg.manifest("data", 2)["verify"]["trusted_peers"] == [peer_a, peer_b]  # order does not split a swarm
+    assert "trusted_peers" not in NodeConfig().manifest("data", 2)["verify"]  # default manifests are unchanged
+    with pytest.raises(ConfigError, match="is not a peer id"):
+        NodeConfig(trusted_peers=["not a peer\x1b[31m"]).validate()

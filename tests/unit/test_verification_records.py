@@ -32,7 +32,7 @@ from node.net.identity import Identity
 from node.net.stream_service import StreamSettings
 from node.tasks import BackgroundTasks
 from node.verify.replay import sent_digest
-from node.verify.service import RetainedStart, Verification, VerifySettings
+from node.verify.service import ELIGIBLE_BEFORE_EXCHANGE, SERVE_SLACK, RetainedStart, Verification, VerifySettings
 
 RUN = "run"
 
@@ -43,6 +43,7 @@ class FakeMembership:
     def __init__(self, live):
         self.store: dict[str, dict] = {}
         self.live = {peer: None for peer in live}
+        self.live_since = dict.fromkeys(live, 0.0)  # live long before any exchange of these tests
         self.client = FakeDHTClient(self.store)
 
 
@@ -69,6 +70,7 @@ def setup():
     settings = VerifySettings(StreamSettings(RUN, "m" * 64, 64, 1.0, 2**20, 2**16), 4, 1.0,
                               Tolerances(0.08, 0.1, 1.02), 10.0, 3, 3600.0, 7)
     verification = Verification(None, membership, NodeMetrics(), me, settings, None, None, None, BackgroundTasks())
+    verification.started_at = 0.0  # running long before the exchanges audited here
     commitment = Commitment(RUN, audited.peer_id, 5, "ab" * 32, "cd" * 32, "{}", 10, 4,
                             UpdateSignature(b"\x01" * 32, (1.0,), 1.0))
     membership.store[f"{RUN}.commit.5"] = {audited.peer_id: types.SimpleNamespace(value=signed(audited, commitment))}
@@ -284,3 +286,76 @@ def test_neither_partner_can_steer_the_audit_lottery():
     swapped = Receipt(**{**receipt.to_wire(), "nonce": "22" * 16})
     assert not ident.verify(peers["A"].peer_id, signing_bytes(swapped.attested()), swapped.attestation)
     assert ident.verify(peers["A"].peer_id, signing_bytes(receipt.attested()), receipt.attestation)
+
+
+# ----------------------------------------------------------------------------- who sits on a committee
+def ground_key(seed: bytes, audited: str, rivals: list[str], top: int) -> Identity:
+    """A fresh identity whose peer id ranks within the first `top` for `seed` among `rivals`: what an attacker
+    who knows an audit's seed does (a few tries each)."""
+    for _ in range(10_000):
+        key = Identity.generate()
+        if committee_ranking(seed, [*rivals, key.peer_id], audited).index(key.peer_id) < top:
+            return key
+    raise AssertionError("no key ranked")
+
+
+def test_keys_ground_after_the_exchange_never_sit_on_its_committee():
+    """Before: every voter joined the candidates, so two keys ground to rank first for a known seed, voting
+    reject, flagged an honest peer. Now a seat needs to have been live before the audited exchange."""
+    peers, membership, verification, _ = setup()
+    audited = peers["A"]
+    membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt_from(peers["B"], audited)))}
+    asyncio.run(verification._discover())
+    audit = verification.audits[(audited.peer_id, 5)]
+    audit.voted = True
+    honest = [p.peer_id for p in peers.values()]
+    sybils = [ground_key(audit.seed, audited.peer_id, honest, top=1), None]
+    sybils[1] = ground_key(audit.seed, audited.peer_id, [*honest, sybils[0].peer_id], top=2)
+    votes = membership.store.setdefault(f"{RUN}.votes.{audited.peer_id}.5", {})
+    for key in sybils:
+        votes[key.peer_id] = types.SimpleNamespace(value=signed(key, Vote(
+            RUN, audited.peer_id, 5, key.peer_id, REJECT, "exceeds rel_l2", 0.5, 1.9, 1.0)))
+    # they even show up live, after the exchange (a presence is one signed store away)
+    for key in sybils:
+        membership.live[key.peer_id] = None
+        membership.live_since[key.peer_id] = audit.exchanged_at + 1.0
+    asyncio.run(verification.tally())
+    assert audit.verdict is None and not verification.flagged
+    assert not {k.peer_id for k in sybils} & set(verification._ranking(audit))
+    # the same keys, live since long before the exchange, are ordinary candidates (the fraction-of-identities
+    # risk the README states): then their votes count
+    for key in sybils:
+        membership.live_since[key.peer_id] = 0.0
+    asyncio.run(verification.tally())
+    assert audit.verdict == REJECT
+
+
+def test_trusted_peers_alone_sit_on_committees():
+    peers, membership, verification, _ = setup()
+    trusted = frozenset(peers[name].peer_id for name in "BCD")
+    verification.settings = VerifySettings(**{**verification.settings.__dict__, "trusted": trusted})
+    everyone = {p.peer_id for p in peers.values()}
+    assert verification.eligible(everyone, exchanged_at=100.0) == trusted
+    verification.flagged[peers["B"].peer_id] = "evidence"
+    assert verification.eligible(everyone, exchanged_at=100.0) == trusted - {peers["B"].peer_id}
+    membership.live_since[peers["C"].peer_id] = 95.0  # entered our view 5 s before the exchange: not yet
+    assert verification.eligible(everyone, exchanged_at=100.0) == {peers["D"].peer_id}
+
+
+def test_the_audited_peer_serves_a_verifier_it_saw_arrive_a_little_later_than_the_verifier_did():
+    """Views differ: a verifier counts itself live from its own start, we from when we first saw it. Serving is
+    generous by SERVE_SLACK so that a verifier seated in its own view is never refused and made to vote reject."""
+    peers, membership, verification, _ = setup()
+    me, receiver = peers["E"], peers["B"]
+    commitment = Commitment(RUN, me.peer_id, 7, "ab" * 32, "cd" * 32, "{}", 10, 4,
+                            UpdateSignature(b"\x01" * 32, (1.0,), 1.0))
+    membership.store[f"{RUN}.commit.7"] = {me.peer_id: types.SimpleNamespace(value=signed(me, commitment))}
+    receipt = receipt_from(receiver, me, round_=7)
+    membership.store[f"{RUN}.audits"] = {receiver.peer_id: receipts(signed(receiver, receipt))}
+    exchanged = receipt.sent_at
+    late, too_late = peers["C"].peer_id, peers["D"].peer_id
+    membership.live_since[late] = exchanged - ELIGIBLE_BEFORE_EXCHANGE + 5  # seated in its own view, not in ours
+    membership.live_since[too_late] = exchanged + SERVE_SLACK + 5  # arrived after the exchange, in anyone's view
+    assert asyncio.run(verification._audit_refusal(late, 7)) is None
+    assert asyncio.run(verification._audit_refusal(too_late, 7)) == "bad_request"
+    assert asyncio.run(verification._audit_refusal(peers["A"].peer_id, 8)) == "bad_request"  # no audit of round 8
