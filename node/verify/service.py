@@ -133,10 +133,11 @@ SENT_PREFIX = "sent."
 # against its view, which may hold a few peers more (just joined, not yet expired): this many places spare.
 AUDIT_RANK_SLACK = 2
 # A peer sits on the committee of an audit only if it entered our live view at least this long before the audited
-# exchange (the attested time): identities made after the exchange, when its lottery seed could be known, cannot
-# be seated, however well their keys were ground to rank first. (A few heartbeats: views differ by about that.)
-ELIGIBLE_BEFORE_EXCHANGE = 10.0
-SERVE_SLACK = 2 * ELIGIBLE_BEFORE_EXCHANGE  # the audited peer's cutoff is this much later (see _audit_refusal)
+# exchange (the sender's attested time): identities made after the exchange, when its lottery seed could be known,
+# cannot be seated, however well their keys were ground to rank first. The margin covers an audited sender whose
+# clock runs a little ahead (NTP keeps clocks well within it; `doctor` measures skew).
+ELIGIBLE_BEFORE_EXCHANGE = 3.0
+SERVE_SLACK = 20.0  # the audited peer's cutoff is this much later than the verifiers' (see _audit_refusal)
 
 
 def may_fetch_audit(seed: bytes, requester: str, candidates: set[str], audited: str) -> bool:

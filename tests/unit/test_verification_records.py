@@ -338,7 +338,7 @@ def test_trusted_peers_alone_sit_on_committees():
     assert verification.eligible(everyone, exchanged_at=100.0) == trusted
     verification.flagged[peers["B"].peer_id] = "evidence"
     assert verification.eligible(everyone, exchanged_at=100.0) == trusted - {peers["B"].peer_id}
-    membership.live_since[peers["C"].peer_id] = 95.0  # entered our view 5 s before the exchange: not yet
+    membership.live_since[peers["C"].peer_id] = 98.0  # entered our view 2 s before the exchange: not yet
     assert verification.eligible(everyone, exchanged_at=100.0) == {peers["D"].peer_id}
 
 
