@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 UNKNOWN_ROUND = -1  # a live peer whose presence record has no (valid) round
 MAX_REMEMBERED_PEERS = 4096  # live_since entries kept
+# peers that enter our view within this long of our first look were there before we came (the view fills over a
+# few heartbeats): we cannot tell since when, so they count as live since before anything we will audit
+VIEW_STARTUP_GRACE = 10.0
 
 
 class ManifestMismatch(RuntimeError):
@@ -72,6 +75,7 @@ class Membership:
         # wall-clock time each peer last entered our live view (kept after it leaves; reset when it comes back):
         # verification seats a peer on committees only if it was live before the audited exchange happened
         self.live_since: dict[str, float] = {}
+        self._first_look: float | None = None  # wall clock of our first view refresh
         self.malformed_records = 0  # presence/ready records skipped as malformed (counted, debug-logged)
         self._ready_expiration = 0.0
         self._presence_expiration = 0.0
@@ -171,8 +175,11 @@ class Membership:
             live[entry.subkey] = PeerRecord(entry.subkey, round_, presence.eval_loss, entry.expiration, presence.maddrs)
         joined, left = live.keys() - self.live.keys(), self.live.keys() - live.keys()
         self.live, self.departed = live, departed
+        if self._first_look is None:
+            self._first_look = now
+        arriving = now - self._first_look > VIEW_STARTUP_GRACE  # else: already there when we came
         for peer in joined:
-            self.live_since[peer] = now
+            self.live_since[peer] = now if arriving else 0.0
         if len(self.live_since) > MAX_REMEMBERED_PEERS:  # bounded whatever the DHT says: forget departed peers first
             for peer in [p for p in self.live_since if p not in live][: len(self.live_since) - MAX_REMEMBERED_PEERS]:
                 del self.live_since[peer]
