@@ -57,7 +57,8 @@ from node.bench.fuzz import STARTUP_TIMEOUT, dht_peer
 from node.net.identity import Identity
 from node.net.signed_records import dht_key_id
 
-__all__ = ["STARTUP_TIMEOUT", "Adversary", "ForgingSigner", "adversary", "dht_peer"]  # dht_peer: node/bench/fuzz.py
+# dht_peer: node/bench/fuzz.py
+__all__ = ["STARTUP_TIMEOUT", "Adversary", "ForgingSigner", "adversary", "dht_peer", "ground_identity"]
 
 TEN_YEARS = 10 * 365 * 86400.0
 
@@ -187,7 +188,7 @@ class Adversary:
                 self._voted_on.add((receipt.sender, receipt.round))
                 rivals = [p for p in live if p != receipt.sender]
                 for place in range(2):
-                    key = _ground_identity(seed, receipt.sender, rivals, place + 1)
+                    key = ground_identity(seed, receipt.sender, rivals, place + 1)
                     rivals.append(key.peer_id)
                     vote = Vote(run_id, receipt.sender, receipt.round, key.peer_id, "reject", "sybil", 1.0, 9.0, 9.0)
                     if await self.store(votes_key(run_id, receipt.sender, receipt.round),
@@ -236,8 +237,9 @@ class Adversary:
         return blobs
 
 
-def _ground_identity(seed: bytes, audited: str, rivals: list[str], top: int) -> Identity:
-    """A fresh identity ranking within the first `top` of an audit's committee order (a few tries)."""
+def ground_identity(seed: bytes, audited: str, rivals: list[str], top: int) -> Identity:
+    """A fresh identity ranking within the first `top` of an audit's committee order (a few tries): what an
+    attacker who knows an audit's seed does."""
     for _ in range(10_000):
         key = Identity.generate()
         if committee_ranking(seed, [*rivals, key.peer_id], audited).index(key.peer_id) < top:

@@ -33,6 +33,7 @@ from node.net.stream_service import StreamSettings
 from node.tasks import BackgroundTasks
 from node.verify.replay import sent_digest
 from node.verify.service import ELIGIBLE_BEFORE_EXCHANGE, SERVE_SLACK, RetainedStart, Verification, VerifySettings
+from tests.integration.adversary import ground_identity
 
 RUN = "run"
 
@@ -120,13 +121,20 @@ def test_two_committee_rejects_flag_and_forged_votes_do_not_count():
     assert "rel-L2 1.9" in verification.flagged[audited.peer_id]
 
 
-def test_two_accepts_clear_and_nobody_is_flagged():
-    peers, membership, verification, _ = setup()
+def discovered_audit(peers, membership, verification, receiver: str):
+    """`receiver`'s receipt of A's round 5 is published and discovered; this node does not replay (voted)."""
     audited = peers["A"]
-    membership.store[f"{RUN}.audits"] = {peers["C"].peer_id: receipts(signed(peers["C"], receipt_from(peers["C"], audited)))}
+    membership.store[f"{RUN}.audits"] = {
+        peers[receiver].peer_id: receipts(signed(peers[receiver], receipt_from(peers[receiver], audited)))}
     asyncio.run(verification._discover())
     audit = verification.audits[(audited.peer_id, 5)]
     audit.voted = True
+    return audited, audit
+
+
+def test_two_accepts_clear_and_nobody_is_flagged():
+    peers, membership, verification, _ = setup()
+    audited, audit = discovered_audit(peers, membership, verification, "C")
     ranking = committee_ranking(audit.seed, [p.peer_id for p in peers.values()], audited.peer_id)
     by_id = {p.peer_id: p for p in peers.values()}
     votes = membership.store.setdefault(f"{RUN}.votes.{audited.peer_id}.5", {})
@@ -289,28 +297,14 @@ def test_neither_partner_can_steer_the_audit_lottery():
 
 
 # ----------------------------------------------------------------------------- who sits on a committee
-def ground_key(seed: bytes, audited: str, rivals: list[str], top: int) -> Identity:
-    """A fresh identity whose peer id ranks within the first `top` for `seed` among `rivals`: what an attacker
-    who knows an audit's seed does (a few tries each)."""
-    for _ in range(10_000):
-        key = Identity.generate()
-        if committee_ranking(seed, [*rivals, key.peer_id], audited).index(key.peer_id) < top:
-            return key
-    raise AssertionError("no key ranked")
-
-
 def test_keys_ground_after_the_exchange_never_sit_on_its_committee():
     """Before: every voter joined the candidates, so two keys ground to rank first for a known seed, voting
     reject, flagged an honest peer. Now a seat needs to have been live before the audited exchange."""
     peers, membership, verification, _ = setup()
-    audited = peers["A"]
-    membership.store[f"{RUN}.audits"] = {peers["B"].peer_id: receipts(signed(peers["B"], receipt_from(peers["B"], audited)))}
-    asyncio.run(verification._discover())
-    audit = verification.audits[(audited.peer_id, 5)]
-    audit.voted = True
+    audited, audit = discovered_audit(peers, membership, verification, "B")
     honest = [p.peer_id for p in peers.values()]
-    sybils = [ground_key(audit.seed, audited.peer_id, honest, top=1), None]
-    sybils[1] = ground_key(audit.seed, audited.peer_id, [*honest, sybils[0].peer_id], top=2)
+    sybils = [ground_identity(audit.seed, audited.peer_id, honest, top=1), None]
+    sybils[1] = ground_identity(audit.seed, audited.peer_id, [*honest, sybils[0].peer_id], top=2)
     votes = membership.store.setdefault(f"{RUN}.votes.{audited.peer_id}.5", {})
     for key in sybils:
         votes[key.peer_id] = types.SimpleNamespace(value=signed(key, Vote(
