@@ -187,6 +187,14 @@ def make_commitment(run_id: str, peer: str, round_: int, start: RoundStart, outg
     return commitment, {**tensors, **{SENT_PREFIX + name: array for name, array in outgoing.items()}}
 
 
+def audit_fetch_limit(wire: StreamSettings, tensors: int) -> float:
+    """A bound no audit download of `tensors` float32 tensors can outlive: their bytes at the minimum transfer
+    rate, plus I/O timeouts for the request and the offer. Each wait is bounded by progress anyway (a stalled
+    or trickling peer is cut after about one I/O timeout); a fixed total would cut a large model's audit on a
+    slow but working link (a 19M model's 5 tensors are 384 MB: 154 s at 20 Mbit/s)."""
+    return wire.rate.seconds_for(4 * wire.numel * tensors) + 3 * wire.io_timeout
+
+
 def replayed_as_sent(tensors: dict[str, np.ndarray], replayed: torch.Tensor, wire_dtype: str) -> torch.Tensor:
     """The replayed update as the audited peer would have sent it: its outgoing tensors rebuilt from the
     replay like the trainer builds them, through the run's wire dtype (a no-op for float32)."""
@@ -620,7 +628,7 @@ class Verification:
         comparison, reason, verdict = None, "", REJECT
         try:
             # (asyncio.timeout, not wait_for: no inner task whose late failure nobody retrieves on shutdown)
-            async with asyncio.timeout(self.settings.stream.io_timeout * (3 + self.settings.stream.numel // 2**22)):
+            async with asyncio.timeout(audit_fetch_limit(self.settings.stream, len(self.audit_tensors))):
                 claimed, tensors = await self._fetch_start(peer, round_)
         except Exception as error:  # noqa: BLE001 - refused, gone, frozen, malformed
             explicit = isinstance(error, (ProtocolError, ReplayError))  # it answered, but not with the state

@@ -32,7 +32,14 @@ from node.net.identity import Identity
 from node.net.stream_service import StreamSettings
 from node.tasks import BackgroundTasks
 from node.verify.replay import sent_digest
-from node.verify.service import ELIGIBLE_BEFORE_EXCHANGE, SERVE_SLACK, RetainedStart, Verification, VerifySettings
+from node.verify.service import (
+    ELIGIBLE_BEFORE_EXCHANGE,
+    SERVE_SLACK,
+    RetainedStart,
+    Verification,
+    VerifySettings,
+    audit_fetch_limit,
+)
 from tests.integration.adversary import ground_identity
 
 RUN = "run"
@@ -353,3 +360,12 @@ def test_the_audited_peer_serves_a_verifier_it_saw_arrive_a_little_later_than_th
     assert asyncio.run(verification._audit_refusal(late, 7)) is None
     assert asyncio.run(verification._audit_refusal(too_late, 7)) == "bad_request"
     assert asyncio.run(verification._audit_refusal(peers["A"].peer_id, 8)) == "bad_request"  # no audit of round 8
+
+
+def test_an_audit_download_is_bounded_by_its_size_at_the_minimum_rate_not_a_fixed_time():
+    """A 19M model's audit (5 float32 tensors, 384 MB) takes 154 s at 20 Mbit/s: it must not be cut while it
+    progresses (each wait is bounded by the I/O timeout and the minimum rate on its own)."""
+    big = StreamSettings(RUN, "m" * 64, 19_210_240, 5.0, 8 * 2**20, 2 * 2**20, min_transfer_rate=256 * 2**10)
+    assert audit_fetch_limit(big, 5) > 5 * 4 * 19_210_240 / (20e6 / 8)
+    small = StreamSettings(RUN, "m" * 64, 470_528, 5.0, 8 * 2**20, 2 * 2**20, min_transfer_rate=256 * 2**10)
+    assert audit_fetch_limit(small, 5) < 60  # a tiny model's dead audit still ends within a minute
