@@ -134,7 +134,8 @@ class NodeConfig:
     max_frame_bytes: int = 8 * 2**20
     chunk_bytes: int = 2 * 2**20
     # the format of an exchange's tensors on the wire (protocol/codecs.py; part of the manifest):
-    # bfloat16 halves the bytes of float32 at a relative error of at most 2^-8 per value
+    # bfloat16 halves the bytes of float32 at a relative error of at most 2^-8 per value; blockwise8 quarters
+    # them, coding the weights' difference from the swarm's initial weights (best early in a run)
     wire_dtype: str = "bfloat16"
     # a transfer (exchange, state upload/download, audit) lives while it moves at least this many bytes/s,
     # with io_timeout seconds of slack (node/net/limits.py): a 20 Mbit/s link (2.5 MB/s) passes ~10x over

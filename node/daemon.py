@@ -206,7 +206,8 @@ class Node:
         stream = StreamSettings.from_config(cfg, self.manifest_hash, self.trainer.numel)
         self.gossip = Gossip(
             self.p2p, self.membership, self.metrics,
-            GossipSettings(stream, tensor_names=self.trainer.tensor_names(), max_staleness=cfg.max_staleness),
+            GossipSettings(stream, tensor_names=self.trainer.tensor_names(), max_staleness=cfg.max_staleness,
+                           reference=self.trainer.wire_reference),
             random.Random(digest),
             self.background,
         )

@@ -42,9 +42,11 @@ __all__ = [
     "TensorAssembler",
 ]
 
-DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+# blockwise8 (protocol/codecs.py) travels as its packed bytes: block scales, then codes. Its header's shape
+# counts those bytes (codecs.wire_numel); the scales and the decoded values are checked by codecs.decode.
+DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "blockwise8": 1}
 # numpy has no bfloat16, so it is viewed as its raw 16-bit pattern.
-NUMPY_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+NUMPY_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "blockwise8": "u1"}
 CHECKSUM_BYTES = 16
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 MAX_CHUNK_BYTES = 64 * 2**20
@@ -142,6 +144,8 @@ def tensor_messages(
 def _count_non_finite(dtype: str, flat: np.ndarray) -> int:
     """Count NaN/inf values in a flat array, scanning in blocks to bound temporaries."""
     bad = 0
+    if dtype == "blockwise8":
+        return 0  # bytes: codecs.decode checks its scales and values
     for start in range(0, flat.size, _FINITE_BLOCK):
         block = flat[start : start + _FINITE_BLOCK]
         if dtype == "bfloat16":

@@ -10,7 +10,7 @@ up. Then, per node, from its own /metrics (scraped from the root namespace):
               protocol_error, aborted), refused pairing requests and rounds alone
   MB/ex       exchange bytes this node sent per exchange that started (ok or failed); a full
               exchange sends the model once (in the wire dtype: 2 bytes per parameter in bfloat16,
-              the default, 4 in float32; the header gives both)
+              the default, 4 in float32, about 1 in blockwise8; the header gives each)
   tok/s       training tokens per second over the measured window
   util        trainer compute seconds (gossiptrain_train_compute_seconds_total) per wall
               second over the window; "-" when the node does not export it
@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.codecs import WIRE_DTYPES, wire_bytes
+
 from node.bench import split_node_args, stop_on_sigterm
 from node.metrics import FAILED_RESULTS
 from node.table import format_table
@@ -54,7 +56,6 @@ from node.tools.swarm import LocalSwarm, SwarmError, exchange_count, progress_ro
 
 DEFAULT_ROWS = ("current:",)
 STOP_GRACE_S = 90.0  # a leaving node finishes an exchange under way (bounded by its leave_timeout, 60 s)
-BYTES_PER_PARAM = {"bfloat16": 2, "float32": 4}  # per wire dtype (protocol/codecs.py)
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
               "--context", str(args.context), "--inner-steps", str(args.inner_steps), *extra]
     header = (f"\nbench wan: {args.nodes} nodes, egress {args.rate} each ({netns.rate_bits(args.rate) / 1e6:g} Mbit/s), "
               f"model {params / 1e6:.1f}M params (per exchange each way: "
-              + ", ".join(f"{dtype} {params * size / 1e6:.0f} MB, {params * size * 8 / netns.rate_bits(args.rate):.0f} s"
-                          for dtype, size in BYTES_PER_PARAM.items())
+              + ", ".join(f"{dtype} {wire_bytes(params, dtype) / 1e6:.0f} MB, "
+                          f"{wire_bytes(params, dtype) * 8 / netns.rate_bits(args.rate):.0f} s" for dtype in WIRE_DTYPES)
               + f" at the rate), H={args.inner_steps}, "
               f"{args.seconds:.0f} s per row, {os.cpu_count()} cores; node flags: {' '.join(common)}")
     print(header, flush=True)

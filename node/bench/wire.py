@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from protocol import DTYPE_SIZES, codecs
+from protocol import codecs
 
 from node.config import NodeConfig
 from node.table import format_table
@@ -33,9 +33,11 @@ LINK_NUMEL = 19_210_240  # the 19M model of the WAN measurements (--d-model 512 
 LINKS_MBIT = (20, 100)
 
 
-def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus) -> float:
-    """Mean held-out loss of the nodes' slow weights after `rounds` paired rounds on `cfg.wire_dtype`."""
+def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus) -> tuple[float, float]:
+    """(mean held-out loss of the nodes' slow weights, their mean drift ‖φ − θ₀‖ / ‖θ₀‖ from the initial
+    weights) after `rounds` paired rounds on `cfg.wire_dtype`."""
     trainers = [Trainer(cfg, corpus, shard=i, sampler_seed=seed * 1000 + i) for i in range(nodes)]
+    initial = trainers[0].slow_weights.clone()
     pairing = random.Random(seed)
     for _ in range(rounds):
         for trainer in trainers:
@@ -50,9 +52,35 @@ def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus) -> float:
             j = partner.get(i)
             # what arrives: the partner's tensors through encode/decode (exact for what it committed)
             received = None if j is None else {
-                name: codecs.decode(codecs.encode(array, cfg.wire_dtype), cfg.wire_dtype) for name, array in sent[j].items()}
+                name: codecs.round_trip(array, cfg.wire_dtype, codecs.reference_for(name, trainers[j].wire_reference))
+                for name, array in sent[j].items()}
             trainer.apply_outer_step(received)
-    return statistics.mean(trainer.evaluate() for trainer in trainers)
+    drift = statistics.mean(float((t.slow_weights - initial).norm() / initial.norm()) for t in trainers)
+    final, reference = trainers[0].slow_weights.numpy(), codecs.make_reference(initial.numpy())
+    errors = ", ".join(
+        f"{dtype} {np.linalg.norm(codecs.round_trip(final, dtype, reference) - final) / np.linalg.norm(final):.2e}"
+        for dtype in ("bfloat16", "blockwise8"))
+    print(f"  final φ: drift {drift:.3f}, round-trip rel. error {errors}", flush=True)
+    return statistics.mean(trainer.evaluate() for trainer in trainers), drift
+
+
+def drift_study(model: dict, corpus, fractions=(0.001, 0.01, 0.03, 0.1, 0.3, 1.0)) -> list[dict]:
+    """Round-trip error of each wire dtype on the model's initial weights moved by Gaussian noise of a given
+    fraction of their RMS: blockwise8 codes the difference from the initial weights, so its error grows
+    with how far training has taken them; bfloat16's does not."""
+    cfg = NodeConfig(wire_dtype="blockwise8", threads=1, **model).validate()
+    trainer = Trainer(cfg, corpus, shard=0, sampler_seed=0)
+    initial = trainer.slow_weights.numpy()
+    rms = float(np.sqrt(np.mean(initial.astype(np.float64) ** 2)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for fraction in fractions:
+        x = initial + (rng.standard_normal(initial.size) * rms * fraction).astype(np.float32)
+        errors = {dtype: float(np.linalg.norm(codecs.round_trip(x, dtype, trainer.wire_reference) - x) / np.linalg.norm(x))
+                  for dtype in ("bfloat16", "blockwise8")}
+        rows.append({"drift (RMS of θ₀)": f"{fraction:g}", **{f"{d} rel. error": f"{e:.2e}" for d, e in errors.items()},
+                     "blockwise8 / bfloat16": f"{errors['blockwise8'] / errors['bfloat16']:.2f}"})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,12 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dtypes", nargs="+", default=list(codecs.WIRE_DTYPES), choices=codecs.WIRE_DTYPES)
     parser.add_argument("--tiny", action="store_true", help="a small model and 5 rounds of 4 steps: a smoke run")
+    parser.add_argument("--drift", action="store_true",
+                        help="only the round-trip error against drift from the initial weights (seconds)")
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.rounds < 1 or args.inner_steps < 1:
         parser.error("need --nodes >= 2, --rounds >= 1, --inner-steps >= 1")
     model = dict(d_model=32, n_layers=1, n_heads=2, context=32, batch_size=4) if args.tiny else {}
     rounds, inner = (5, 4) if args.tiny else (args.rounds, args.inner_steps)
     corpus = load_corpus()
+    if args.drift:
+        print(format_table(drift_study(model, corpus)))
+        return 0
     print(f"{args.nodes} nodes, {rounds} rounds of {inner} inner steps, random perfect matching per round; "
           f"seeds {args.seeds}", flush=True)
     losses: dict[str, list[float]] = {dtype: [] for dtype in args.dtypes}
@@ -77,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes:
             cfg = NodeConfig(seed=seed, inner_steps=inner, wire_dtype=dtype, threads=1, **model).validate()
             started = time.perf_counter()
-            loss = run(cfg, args.nodes, rounds, seed, corpus)
+            loss, drift = run(cfg, args.nodes, rounds, seed, corpus)
             losses[dtype].append(loss)
             base = losses["float32"][-1] if losses.get("float32") else None
             rows.append({"seed": seed, "wire dtype": dtype, "eval loss": f"{loss:.4f}",
-                         "vs float32": f"{loss / base:.4f}" if base else "-",
+                         "vs float32": f"{loss / base:.4f}" if base else "-", "drift": f"{drift:.3f}",
                          "seconds": f"{time.perf_counter() - started:.0f}"})
             print(f"seed {seed} {dtype}: eval loss {loss:.4f}", flush=True)
     print()
@@ -90,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.mean(losses["float32"]) if losses.get("float32") else None
     summary = []
     for dtype, values in losses.items():
-        nbytes = LINK_NUMEL * DTYPE_SIZES[dtype]
+        nbytes = codecs.wire_bytes(LINK_NUMEL, dtype)
         mean = statistics.mean(values)
         summary.append({"wire dtype": dtype, "mean eval loss": f"{mean:.4f}",
                         "vs float32": f"{mean / base:.4f}" if base else "-",

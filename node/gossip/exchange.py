@@ -34,7 +34,6 @@ import numpy as np
 from hivemind.p2p import P2P
 
 from protocol import (
-    DTYPE_SIZES,
     ExchangeAccept,
     ExchangeReject,
     ExchangeRequest,
@@ -78,6 +77,7 @@ class GossipSettings:
     stream: StreamSettings
     tensor_names: tuple[str, ...]
     max_staleness: int
+    reference: np.ndarray | None = None  # what blockwise8 weights are coded against (protocol/codecs.py)
 
 
 def classify_failure(error: BaseException) -> str:
@@ -152,20 +152,31 @@ class Gossip:
 
     def _expected_specs(self) -> list[TensorSpec]:
         wire = self.settings.stream
-        return [TensorSpec(name, wire.wire_dtype, (wire.numel,)) for name in self.settings.tensor_names]
+        shape = (codecs.wire_numel(wire.numel, wire.wire_dtype),)
+        return [TensorSpec(name, wire.wire_dtype, shape) for name in self.settings.tensor_names]
 
     @property
     def exchange_bytes(self) -> int:
         """Tensor bytes each way of one exchange (in the run's wire dtype)."""
         wire = self.settings.stream
-        return DTYPE_SIZES[wire.wire_dtype] * wire.numel * len(self.settings.tensor_names)
+        return codecs.wire_bytes(wire.numel, wire.wire_dtype) * len(self.settings.tensor_names)
 
     async def _decode(self, received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The partner's tensors, from the wire dtype back to float32 (exact; protocol/codecs.py)."""
-        dtype = self.settings.stream.wire_dtype
+        """The partner's tensors, from the wire dtype back to float32 (protocol/codecs.py), before we ack them:
+        blockwise8's scales and values are validated here (ProtocolError), bfloat16 is exact."""
+        dtype, reference = self.settings.stream.wire_dtype, self.settings.reference
         if dtype == "float32":
             return received
-        return await asyncio.to_thread(lambda: {name: codecs.decode(array, dtype) for name, array in received.items()})
+        return await asyncio.to_thread(lambda: {name: codecs.decode(array, dtype, codecs.reference_for(name, reference))
+                                                for name, array in received.items()})
+
+    async def _encode(self, outgoing: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Our tensors (already rounded to the wire dtype by the trainer, so this loses nothing) in the wire dtype."""
+        dtype, reference = self.settings.stream.wire_dtype, self.settings.reference
+        if dtype == "float32":
+            return outgoing
+        return await asyncio.to_thread(lambda: {name: codecs.encode(a, dtype, codecs.reference_for(name, reference))
+                                                for name, a in outgoing.items()})
 
     def exchange_limit(self) -> float:
         """A bound no accepted exchange can outlive (each of its waits is bounded by progress): its bytes at
@@ -193,9 +204,7 @@ class Gossip:
             # nobody live can pair with this round (alone, or everyone is too far away): waiting is useless
             self.metrics.exchanges.labels(result="no_partner").inc()
             return SyncOutcome(None, None, time.monotonic() - started)
-        dtype = self.settings.stream.wire_dtype
-        if dtype != "float32":  # (what the trainer sent is already representable: this loses nothing)
-            outgoing = await asyncio.to_thread(lambda: {name: codecs.encode(a, dtype) for name, a in outgoing.items()})
+        outgoing = await self._encode(outgoing)
         self._round, self._outgoing = round_, outgoing
         self._deadline = started + timeout
         self._paired = paired = asyncio.get_running_loop().create_future()
@@ -286,10 +295,11 @@ class Gossip:
             self._requesting, self._outgoing_exchange = None, True
             # accepted: from here on the exchange lives while its bytes flow, the search deadline does not cut it
             accepted = time.monotonic()
-            received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes)
+            received = await self._decode(
+                await transfer_tensors(stream, self._outgoing, self._expected_specs(), wire.chunk_bytes))
             attestation = await confirm(stream, self.attest(partner, round_, reply.nonce_commitment))
             self._record_success(partner, stream, time.monotonic() - accepted)
-            return await self._decode(received), reply.round, attestation, nonce
+            return received, reply.round, attestation, nonce
         except ProtocolError as error:
             self.metrics.protocol_errors.labels(kind=error.kind).inc()
             self._record_failure(partner, error, stream)
@@ -372,10 +382,10 @@ class Gossip:
         accepted, round_ = time.monotonic(), self._round
         nonce = secrets.token_bytes(16)  # our audit-lottery nonce for the requester's tensors: committed to now
         await stream.send(ExchangeAccept(round=round_, nonce_commitment=bytes.fromhex(nonce_commitment(nonce))))
-        received = await transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.stream.chunk_bytes)
+        received = await self._decode(
+            await transfer_tensors(stream, self._outgoing, self._expected_specs(), self.settings.stream.chunk_bytes))
         attestation = await confirm(stream, self.attest(sender, round_, their_commitment))
         self._record_success(sender, stream, time.monotonic() - accepted)
-        received = await self._decode(received)
         if not paired.done():
             paired.set_result((sender, received, their_round, attestation, nonce))
 

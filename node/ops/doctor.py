@@ -249,20 +249,23 @@ def _activation_bytes(cfg: NodeConfig, vocab_size: int, cuda: bool) -> int:
 def memory_plan(cfg: NodeConfig, parameters: int, vocab_size: int = 256, cuda: bool | None = None) -> MemoryPlan:
     """What one node holds (float32 unless said): weights θ and their gradients; AdamW's two moments; φ and δ;
     the last published boundary (φ, δ: what a donor serves, on the host); one exchange: the sent and received
-    tensors (float32) and a wire buffer (`wire_dtype`); activations (an estimate for batch × context); with
+    tensors (float32) and a wire buffer (`wire_dtype`; blockwise8 also keeps its reference, the initial
+    weights in bfloat16); activations (an estimate for batch × context); with
     verification, a replay model (weights, gradients, moments) and `audit_window` retained round starts (φ and
     both moments each). `cuda`: None decides as `check_device` does."""
     import torch
 
-    from protocol.codecs import WIRE_DTYPES
+    from protocol.codecs import WIRE_DTYPES, wire_bytes
 
     if cuda is None:
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
     size = FLOAT_BYTES * parameters
-    wire = {"float32": 4, "bfloat16": 2}[cfg.wire_dtype] if cfg.wire_dtype in WIRE_DTYPES else FLOAT_BYTES
+    wire = (wire_bytes(parameters, cfg.wire_dtype) if cfg.wire_dtype in WIRE_DTYPES else size) / max(parameters, 1)
     parts = {"weights": size, "gradients": size, "AdamW moments": 2 * size, "φ+δ": 2 * size,
-             "published φ+δ": 2 * size, "exchange": 2 * size + wire * parameters,
+             "published φ+δ": 2 * size, "exchange": 2 * size + int(wire * parameters),
              "activations": _activation_bytes(cfg, vocab_size, cuda)}
+    if cfg.wire_dtype == "blockwise8":
+        parts["wire reference"] = 2 * parameters  # the initial weights in bfloat16 (protocol/codecs.py)
     if cfg.verify == "on":
         parts["verification"] = 4 * size + 3 * cfg.audit_window * size
     on_device = frozenset(("weights", "gradients", "AdamW moments", "φ+δ", "activations", "verification"))

@@ -167,15 +167,18 @@ class SlowState:
 
 
 
-def outgoing_tensors(slow: torch.Tensor, fast: torch.Tensor, theta_only: bool, wire_dtype: str) -> dict[str, np.ndarray]:
+def outgoing_tensors(slow: torch.Tensor, fast: torch.Tensor, theta_only: bool, wire_dtype: str,
+                     reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The tensors a node with slow weights `slow` and fast weights `fast` sends its partner, as they arrive
-    (flat float32, CPU, rounded to `wire_dtype`): θ when γ = β, else φ and Δ. A verifier rebuilds them from
-    its replay the same way (node/verify/service.py)."""
+    (flat float32, CPU, rounded to `wire_dtype`; blockwise8 weights against the swarm's `reference`): θ when
+    γ = β, else φ and Δ. A verifier rebuilds them from its replay the same way (node/verify/service.py)."""
     if theta_only:
         tensors = {"theta": fast}
     else:
         tensors = {"phi": slow, "delta_update": fast - slow}
-    return {name: codecs.round_trip(t.float().cpu().contiguous().numpy(), wire_dtype) for name, t in tensors.items()}
+    return {name: codecs.round_trip(t.float().cpu().contiguous().numpy(), wire_dtype,
+                                    codecs.reference_for(name, reference))
+            for name, t in tensors.items()}
 
 def training_model(cfg: NodeConfig, vocab_size: int, device: torch.device,
                    load_weights: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -216,6 +219,10 @@ class Trainer:
         self.autocast = autocast_dtype(self.device)
         self.hyper = OuterHyper(cfg.alpha, cfg.beta, cfg.gamma)
         self.slow_weights = self._fast_vector()  # parameters_to_vector already copies
+        # blockwise8 codes weights against the swarm's initial weights (protocol/codecs.py): these, before
+        # any checkpoint or state sync replaces them, as every node builds them from the manifest
+        self.wire_reference = (codecs.make_reference(self.slow_weights.float().cpu().numpy())
+                               if cfg.wire_dtype == "blockwise8" else None)
         self.outer_momentum = torch.zeros_like(self.slow_weights)
         self.published = SlowState.of(self.slow_weights, self.outer_momentum, 0)
         self.sampler = ShardSampler(corpus, shard, cfg.num_shards, cfg.context, cfg.batch_size, sampler_seed)
@@ -336,7 +343,8 @@ class Trainer:
     def outgoing_tensors(self) -> dict[str, np.ndarray]:
         """What this node sends its partner: θ when γ = β, else φ and Δ (flat float32, CPU), as the partner
         will hold them after the wire (rounded to the run's wire dtype): what is committed and audited."""
-        return outgoing_tensors(self.slow_weights, self._fast_vector(), self.hyper.theta_only, self.cfg.wire_dtype)
+        return outgoing_tensors(self.slow_weights, self._fast_vector(), self.hyper.theta_only, self.cfg.wire_dtype,
+                                self.wire_reference)
 
     def tensor_names(self) -> tuple[str, ...]:
         return ("theta",) if self.hyper.theta_only else ("phi", "delta_update")

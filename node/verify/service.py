@@ -195,19 +195,21 @@ def audit_fetch_limit(wire: StreamSettings, tensors: int) -> float:
     return wire.rate.seconds_for(4 * wire.numel * tensors) + 3 * wire.io_timeout
 
 
-def replayed_as_sent(tensors: dict[str, np.ndarray], replayed: torch.Tensor, wire_dtype: str) -> torch.Tensor:
+def replayed_as_sent(tensors: dict[str, np.ndarray], replayed: torch.Tensor, wire_dtype: str,
+                     reference: np.ndarray | None = None) -> torch.Tensor:
     """The replayed update as the audited peer would have sent it: its outgoing tensors rebuilt from the
-    replay like the trainer builds them, through the run's wire dtype (a no-op for float32)."""
+    replay like the trainer builds them, through the run's wire dtype (a no-op for float32; blockwise8
+    against the swarm's `reference`, as the trainer codes it)."""
     if wire_dtype == "float32":
         return replayed
     phi = torch.from_numpy(np.asarray(tensors["phi"], dtype=np.float32))
-    outgoing = outgoing_tensors(phi, phi + replayed, SENT_PREFIX + "theta" in tensors, wire_dtype)
+    outgoing = outgoing_tensors(phi, phi + replayed, SENT_PREFIX + "theta" in tensors, wire_dtype, reference)
     return sent_update(tensors["phi"], outgoing)
 
 
 def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarray], replayer: Replayer,
                 run_signer: UpdateSigner, tolerances: Tolerances, inner_steps: int,
-                wire_dtype: str = "float32") -> Judgement:
+                wire_dtype: str = "float32", reference: np.ndarray | None = None) -> Judgement:
     """A verifier's verdict on one audited round, from what the peer served (start state and sent tensors).
 
     1. The served start state must hash to the committed start digest, the served sent tensors
@@ -231,7 +233,8 @@ def judge_audit(commitment: Commitment, seed: bytes, tensors: dict[str, np.ndarr
         return Judgement(REJECT, committed, "committed signature does not describe the sent update")
     try:
         start = start_from_wire(tensors, commitment.data, commitment.global_step, replayer.numel)
-        replayed = replayed_as_sent(tensors, replayer.replay(start, commitment.inner_steps).cpu(), wire_dtype)
+        replayed = replayed_as_sent(tensors, replayer.replay(start, commitment.inner_steps).cpu(), wire_dtype,
+                                    reference)
     except ReplayError as error:
         return Judgement(REJECT, None, f"cannot replay: {error}")
     signer = audit_signer(delta_sent.numel(), seed)
@@ -616,7 +619,8 @@ class Verification:
         started = time.perf_counter()
         try:
             return judge_audit(commitment, seed, tensors, self.replayer, self.signer,
-                               self.settings.tolerances, self.settings.inner_steps, self.settings.stream.wire_dtype)
+                               self.settings.tolerances, self.settings.inner_steps, self.settings.stream.wire_dtype,
+                               self.trainer.wire_reference)
         finally:
             seconds = time.perf_counter() - started
             self.metrics.replay_seconds.observe(seconds)

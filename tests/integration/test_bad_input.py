@@ -19,6 +19,7 @@ from protocol import (
     ExchangeReject,
     ExchangeRequest,
     TensorSpec,
+    codecs,
     encode_frame,
     encode_message,
     tensor_messages,
@@ -215,3 +216,45 @@ def test_busy_metrics_port_is_a_clear_config_error(lone_node):
     other = lone_node.start_node(2, [first.maddr], extra=["--metrics-port", busy])
     assert other.process.wait(timeout=120) == 2
     assert f"cannot serve metrics on 127.0.0.1:{busy}" in other.log_tail()
+
+
+@pytest.fixture(scope="module")
+def blockwise8_node(tmp_path_factory):
+    from node.tools.swarm import LocalSwarm
+
+    swarm = LocalSwarm(1, tmp_path_factory.mktemp("lone8"), TINY + [
+        "--inner-steps", "5", "--sync-timeout", "10", "--max-staleness", "100000", "--wire-dtype", "blockwise8"])
+    swarm.start()
+    try:
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+async def test_a_blockwise8_node_refuses_bad_scales_and_codes_before_its_ack(blockwise8_node, tmp_path):
+    """blockwise8 bytes pass the stream's checks as bytes: the node decodes them before it acks and refuses
+    a NaN, a negative or a non-power-of-two block scale and a -128 code (protocol/SPEC.md §4.2)."""
+    node = blockwise8_node.nodes[0]
+    numel = node.status["parameters"]
+    size = codecs.wire_numel(numel, "blockwise8")
+    blocks = (size - numel) // 4
+    cases = [(float("nan"), 0, "non_finite"), (-1.0, 0, "non_finite"), (0.75, 0, "field"), (0.5, -128, "field")]
+    async with hostile_client(node, tmp_path) as client:
+        for scale, code, kind in cases:
+            wire = np.zeros(size, dtype="u1")
+            wire[:4 * blocks].view("<f4")[:] = 0.5
+            wire[:4].view("<f4")[0] = scale
+            wire[4 * blocks + 7] = np.array(code, dtype="i1").view("u1")
+            stream = await client.accepted_stream(numel)
+            spec = TensorSpec("theta", "blockwise8", (size,))
+            for message in tensor_messages(spec, wire.tobytes(), 2 * 2**20):
+                await stream.send(message)
+            assert await read_until_error(stream) == kind, (scale, code)
+            stream.close()
+        round_before = blockwise8_node.metrics(0)["gossiptrain_round"]
+        await client.announce(10**7)
+        poll(lambda: blockwise8_node.metrics(0).get("gossiptrain_round", 0) >= round_before + 3,
+             timeout=120, what="the node to keep training after the attacks")
+    samples = blockwise8_node.metrics(0)
+    assert samples['gossiptrain_exchanges_total{result="ok"}'] == 0
+    assert node.process.poll() is None

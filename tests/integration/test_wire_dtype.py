@@ -1,9 +1,12 @@
-"""A swarm on the bfloat16 wire (protocol/SPEC.md §4.2): half the bytes per exchange, every exchange audited,
-nobody flagged (a verifier rounds its replay like the wire, so honest rounds compare as in float32)."""
+"""Swarms on the bfloat16 and blockwise8 wires (protocol/SPEC.md §4.2): half and about a quarter of the bytes
+per exchange, every exchange audited, nobody flagged (a verifier rounds its replay like the wire, so honest
+rounds compare as in float32)."""
 
 from __future__ import annotations
 
 import pytest
+
+from protocol import codecs
 
 from node.tools.swarm import LocalSwarm
 from tests.integration.conftest import TINY, poll
@@ -25,12 +28,14 @@ def votes(scrape: dict | None, verdict: str) -> int:
     return int((scrape or {}).get(f'gossiptrain_verifications_total{{verdict="{verdict}"}}', 0))
 
 
-@pytest.mark.parametrize("wire_dtype, bytes_per_value", [("bfloat16", 2)])
-def test_a_bfloat16_swarm_sends_half_the_bytes_and_flags_nobody(tmp_path, wire_dtype, bytes_per_value):
+@pytest.mark.parametrize("wire_dtype, float32_ratio", [("bfloat16", 2.0), ("blockwise8", 3.9)])
+def test_a_compressed_swarm_sends_fewer_bytes_and_flags_nobody(tmp_path, wire_dtype, float32_ratio):
     swarm = LocalSwarm(3, tmp_path / "swarm", RUN_ARGS + ["--wire-dtype", wire_dtype])
     try:
         swarm.start()
         numel = swarm.nodes[0].status["parameters"]
+        per_exchange = codecs.wire_bytes(numel, wire_dtype)
+        assert per_exchange * float32_ratio <= 4 * numel
 
         def exchanged_and_audited():  # every exchange is drawn for audit: votes follow within seconds
             scrapes = [swarm.metrics(i) for i in range(3)]
@@ -41,8 +46,8 @@ def test_a_bfloat16_swarm_sends_half_the_bytes_and_flags_nobody(tmp_path, wire_d
         for scrape in scrapes:
             sent, ok = exchange_bytes(scrape)
             # every completed exchange sent numel values; failed and refused ones send less, framing adds ~0.1%
-            assert sent >= ok * numel * bytes_per_value, (sent, ok, numel)
-            assert sent < (ok + 1) * numel * bytes_per_value * 1.01 + 64 * 1024 * (ok + 1), (sent, ok, numel)
+            assert sent >= ok * per_exchange, (sent, ok, numel)
+            assert sent < (ok + 1) * per_exchange * 1.01 + 64 * 1024 * (ok + 1), (sent, ok, numel)
             assert votes(scrape, "reject") == 0, scrape
     finally:
         swarm.stop()  # a clean leave: each node writes its summary

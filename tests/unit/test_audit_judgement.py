@@ -78,12 +78,12 @@ def test_null_space_of_the_public_projection_is_seen_by_the_audit_projection(set
 
 
 # ----------------------------------------------------------------------------- a bfloat16 wire (protocol/codecs.py)
-def audit_bf16(setting, fast, judged_as="bfloat16"):
-    """A peer that sends `fast` in bfloat16 and commits to the update as sent, judged by a verifier."""
+def audit_bf16(setting, fast, judged_as="bfloat16", wire_dtype="bfloat16", reference=None):
+    """A peer that sends `fast` in `wire_dtype` and commits to the update as sent, judged by a verifier."""
     trainer, replayer, signer = setting
-    outgoing = outgoing_tensors(trainer.slow_weights, fast, True, "bfloat16")
+    outgoing = outgoing_tensors(trainer.slow_weights, fast, True, wire_dtype, reference)
     commitment, served = make_commitment("run", "peer", 3, trainer.round_start, outgoing, None, signer, 4)
-    return judge_audit(commitment, SEED, served, replayer, signer, TOL, 4, judged_as)
+    return judge_audit(commitment, SEED, served, replayer, signer, TOL, 4, judged_as, reference)
 
 
 def test_an_honest_bfloat16_round_is_accepted_because_the_replay_is_rounded_like_the_wire(setting):
@@ -100,3 +100,21 @@ def test_a_bfloat16_cheater_is_still_caught(setting):
     trainer = setting[0]
     judgement = audit_bf16(setting, trainer.slow_weights - honest(setting))
     assert judgement.verdict == REJECT and judgement.reason.startswith("exceeds")
+
+
+# ----------------------------------------------------------------------------- a blockwise8 wire
+@pytest.fixture(scope="module")
+def initial_reference(corpus, tiny_config):
+    """The swarm's shared blockwise8 reference: what a node of this run builds before training."""
+    return Trainer(tiny_config(wire_dtype="blockwise8"), corpus, shard=0, sampler_seed=0).wire_reference
+
+
+def test_an_honest_blockwise8_round_is_accepted_and_a_cheater_caught(setting, initial_reference):
+    trainer = setting[0]
+    judgement = audit_bf16(setting, trainer.fast_weights(), "blockwise8", "blockwise8", initial_reference)
+    assert judgement.verdict == ACCEPT and judgement.comparison.rel_l2 < 1e-6, judgement
+    # the 8-bit wire is coarse: compared unrounded, an honest round would be far off the replay
+    raw = audit_bf16(setting, trainer.fast_weights(), "float32", "blockwise8", initial_reference)
+    assert raw.comparison.rel_l2 > 100 * max(judgement.comparison.rel_l2, 1e-9)
+    cheat = audit_bf16(setting, trainer.slow_weights - honest(setting), "blockwise8", "blockwise8", initial_reference)
+    assert cheat.verdict == REJECT and cheat.reason.startswith("exceeds")

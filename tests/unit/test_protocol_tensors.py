@@ -43,8 +43,11 @@ THETA = TensorSpec("theta", "float32", (4, 3))
 
 
 def _raw_bytes(dtype: str, shape: tuple[int, ...], seed: int = 0) -> bytes:
-    """Finite little-endian bytes for ``dtype`` (bfloat16 as the top half of float32)."""
+    """Finite little-endian bytes for ``dtype`` (bfloat16 as the top half of float32; blockwise8 as the bytes
+    its header's shape counts)."""
     values = np.random.default_rng(seed).standard_normal(math.prod(shape)).astype("<f4")
+    if dtype == "blockwise8":
+        return np.random.default_rng(seed).integers(0, 256, math.prod(shape), dtype="u1").tobytes()
     if dtype == "float32":
         return values.tobytes()
     if dtype == "float16":
