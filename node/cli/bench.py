@@ -1,4 +1,4 @@
-"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz|wire|partition|devices`: benchmarks that print figures.
+"""`gossiptrain bench exchange|state-sync|verify|wan|fuzz|wire|partition|devices|joins`: benchmarks that print figures.
 
 - exchange: pair-exchange throughput; state-sync: how long a joiner takes to download the state;
 - verify: whether replay verification tells honest peers from cheaters, and what it costs;
@@ -6,7 +6,8 @@
 - fuzz: random and mutated frames and DHT records against a live node (node/bench/fuzz.py);
 - wire: the loss and bytes of each wire dtype, side by side (node/bench/wire.py);
 - partition: how soon a swarm cut apart by an emulated outage is one view again (root; node/bench/partition.py);
-- devices: one node on N CPU processes (`--devices cpu:N`) against one process on the same cores (node/bench/devices.py).
+- devices: one node on N CPU processes (`--devices cpu:N`) against one process on the same cores (node/bench/devices.py);
+- joins: the join vetting replayed on run histories, how often it would refuse an honest donor (node/bench/joins.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ EXCHANGE_NUMEL = 25_000_000
 def add_parser(verbs: argparse._SubParsersAction) -> None:
     parser = verbs.add_parser("bench", help="benchmarks that print figures")
     parser.add_argument("what", choices=["exchange", "state-sync", "verify", "wan", "fuzz", "wire", "partition",
-                                         "devices"],
-                        help="wan, wire, partition and devices take their own flags: python -m node.bench.wan --help "
-                             "(and node.bench.wire, node.bench.partition, node.bench.devices)")
+                                         "devices", "joins"],
+                        help="wan, wire, partition, devices and joins take their own flags: python -m node.bench.wan "
+                             "--help (and node.bench.wire, node.bench.partition, node.bench.devices, node.bench.joins)")
     parser.add_argument(
         "--numel", type=int, nargs="+", default=None, metavar="N",
         help="exchange: fp32 parameters per side, one value (default 25M); state-sync: state sizes in parameters, "
@@ -56,6 +57,10 @@ def main(args: argparse.Namespace) -> int:
                   "(python -m node.bench.devices --help)", file=sys.stderr)
             return 2
         return devices.main(list(args.node_args) + ["--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else []))
+    if args.what == "joins":
+        from node.bench import joins
+
+        return joins.main(list(args.node_args))
     if args.what == "partition":
         from node.bench import partition
 
