@@ -86,14 +86,14 @@ class HostileClient:
         ready = await self.node_record("ready")
         return ready["round"] if ready and not ready.get("done") else None
 
-    async def accepted_stream(self, numel: int, timeout: float = 90) -> FrameStream:
+    async def accepted_stream(self, numel: int, timeout: float = 90, dtype: str = NodeConfig.wire_dtype) -> FrameStream:
         """Keep asking until the node (ready at a round boundary) accepts our pairing request."""
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             round_ = await self.node_ready_round()
             if round_ is not None:
                 stream = await self.open()
-                await stream.send(self.request(round_, numel))
+                await stream.send(self.request(round_, numel, dtype))
                 reply = await stream.recv((ExchangeAccept, ExchangeReject))
                 if isinstance(reply, ExchangeAccept):
                     return stream
@@ -239,18 +239,19 @@ async def test_a_blockwise8_node_refuses_bad_scales_and_codes_before_its_ack(blo
     size = codecs.wire_numel(numel, "blockwise8")
     blocks = (size - numel) // 4
     cases = [(float("nan"), 0, "non_finite"), (-1.0, 0, "non_finite"), (0.75, 0, "field"), (0.5, -128, "field")]
-    async with hostile_client(node, tmp_path) as client:
-        for scale, code, kind in cases:
+    for scale, code, kind in cases:  # a fresh identity each: the node shuns a peer that broke an exchange
+        async with hostile_client(node, tmp_path) as client:
             wire = np.zeros(size, dtype="u1")
             wire[:4 * blocks].view("<f4")[:] = 0.5
             wire[:4].view("<f4")[0] = scale
             wire[4 * blocks + 7] = np.array(code, dtype="i1").view("u1")
-            stream = await client.accepted_stream(numel)
+            stream = await client.accepted_stream(numel, dtype="blockwise8")
             spec = TensorSpec("theta", "blockwise8", (size,))
             for message in tensor_messages(spec, wire.tobytes(), 2 * 2**20):
                 await stream.send(message)
             assert await read_until_error(stream) == kind, (scale, code)
             stream.close()
+    async with hostile_client(node, tmp_path) as client:
         round_before = blockwise8_node.metrics(0)["gossiptrain_round"]
         await client.announce(10**7)
         poll(lambda: blockwise8_node.metrics(0).get("gossiptrain_round", 0) >= round_before + 3,
