@@ -22,7 +22,7 @@ import torch
 
 from node.config import NodeConfig
 from node.gossip.exchange import Gossip
-from node.gossip.pairing import clock_catch_up
+from node.gossip.pairing import clock_catch_up, prefer_new_seconds
 from node.metrics import NodeMetrics
 from node.net.membership import Membership
 from node.train.trainer import PartnerUpdate, RoundStats, Trainer
@@ -141,7 +141,8 @@ class Rounds:
             next_round = self._catch_up_clock() + 1
             outgoing = await self._commit()
             if outgoing is not None:
-                outcome = await self.gossip.sync_round(progress.round, outgoing, self.cfg.sync_timeout)
+                outcome = await self.gossip.sync_round(progress.round, outgoing, self.cfg.sync_timeout,
+                                                       prefer_new_seconds(self.cfg.sync_timeout, stats.seconds))
                 partner, tensors, waited = outcome.partner, outcome.tensors, outcome.seconds
                 if partner is not None and self.verification is not None and not await self.verification.accept_update(
                         partner, outcome.partner_round, tensors, outcome.attestation, outcome.nonce):
@@ -188,8 +189,8 @@ class Rounds:
         prepared = None if in_flight else await self._prepare_commit()
         if prepared is not None:
             search = overlap_search_seconds(self.cfg.sync_timeout, stats.seconds)
-            self.exchange = Exchange(self.gossip.background.spawn(self._exchange(progress.round, prepared, search)),
-                                     self._steps)
+            self.exchange = Exchange(self.gossip.background.spawn(
+                self._exchange(progress.round, prepared, search, prefer_new_seconds(search, stats.seconds))), self._steps)
         waited = time.monotonic() - boundary  # no network in it: the commitment made on the trainer thread
         self.metrics.sync_wait_seconds.observe(waited)
         distance, shift, dropped = await self.compute(self._apply_eager, updates, partner)
@@ -253,13 +254,14 @@ class Rounds:
         logger.warning("dropped the late update of %s, flagged since the exchange", partner[-8:])
         return True
 
-    async def _exchange(self, round_: int, prepared: Any, search_seconds: float) -> ExchangeResult:
+    async def _exchange(self, round_: int, prepared: Any, search_seconds: float,
+                        prefer_new_for: float = 0.0) -> ExchangeResult:
         """Store the commitment, pair and swap in the background (`overlap on`), and check the partner's update
         like the sequential engine does; nothing here touches the trainer."""
         outgoing = prepared if self.verification is None else await self.verification.publish(prepared)
         if outgoing is None:  # the commitment was not stored: this round is not paired
             return ExchangeResult(None, None, {}, None, 0.0)
-        outcome = await self.gossip.sync_round(round_, outgoing, search_seconds)
+        outcome = await self.gossip.sync_round(round_, outgoing, search_seconds, prefer_new_for)
         partner, tensors = outcome.partner, outcome.tensors
         if partner is not None and self.verification is not None and not await self.verification.accept_update(
                 partner, outcome.partner_round, tensors, outcome.attestation, outcome.nonce):

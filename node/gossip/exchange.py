@@ -48,7 +48,7 @@ from protocol import (
 from protocol.verification import nonce_commitment
 
 from node.gossip.health import ExchangeHealth, ExchangeRecord, Penalties
-from node.gossip.pairing import PairingState, choose_partner, could_pair, refusal_reason
+from node.gossip.pairing import PairingState, choose_partner, could_pair, partner_to_avoid, refusal_reason
 from node.metrics import NodeMetrics
 from node.net.membership import Membership
 from node.net.stream_service import Incoming, StreamService, StreamSettings, open_stream
@@ -121,6 +121,8 @@ class Gossip:
         self._round: int | None = None
         self._outgoing: dict[str, np.ndarray] | None = None
         self._deadline = 0.0
+        self._prefer_new_until = 0.0  # until then this round's search avoids the last partner
+        self._last_partner: str | None = None  # of the last completed exchange
         self._paired: asyncio.Future | None = None
         # at most one exchange at a time: our request in flight, our accepted outgoing exchange,
         # or an accepted incoming one
@@ -193,11 +195,14 @@ class Gossip:
         return self._requesting is not None or self._in_exchange
 
     # ------------------------------------------------------------------ round boundary
-    async def sync_round(self, round_: int, outgoing: dict[str, np.ndarray], timeout: float) -> SyncOutcome:
+    async def sync_round(self, round_: int, outgoing: dict[str, np.ndarray], timeout: float,
+                         prefer_new_for: float = 0.0) -> SyncOutcome:
         """Find one partner within `timeout` and exchange with it, or give up (partner None).
 
         `timeout` bounds the search; an exchange accepted before it runs to its end, bounded by its
         progress (a stalled or too slow partner costs about one I/O timeout), not by `timeout`.
+        For the first `prefer_new_for` seconds the last partner is neither asked nor accepted while another
+        live peer could pair (pairing.partner_to_avoid).
         """
         started = time.monotonic()
         if not self._could_pair(round_):
@@ -207,6 +212,7 @@ class Gossip:
         outgoing = await self._encode(outgoing)
         self._round, self._outgoing = round_, outgoing
         self._deadline = started + timeout
+        self._prefer_new_until = started + prefer_new_for
         self._paired = paired = asyncio.get_running_loop().create_future()
         tried: set[tuple[str, int]] = set()  # (peer, its ready round): asked once per announcement
         try:
@@ -222,6 +228,8 @@ class Gossip:
                     continue
                 exclude = {peer for peer, their_round in ready.items() if (peer, their_round) in tried}
                 exclude |= self.excluded() | self.penalties.active(time.monotonic())
+                if (avoid := self._avoiding(round_)) is not None:
+                    exclude.add(avoid)
                 partner = choose_partner(ready, round_, exclude, self.settings.max_staleness, self.rng)
                 if partner is None:
                     await self._wait_for_news(min(POLL_INTERVAL, remaining))
@@ -260,6 +268,13 @@ class Gossip:
             await asyncio.wait_for(self._wakeup.wait(), timeout)
         except TimeoutError:
             pass
+
+    def _avoiding(self, round_: int | None) -> str | None:
+        """Our last partner while this round's search still prefers another one (pairing.partner_to_avoid)."""
+        if round_ is None or time.monotonic() >= self._prefer_new_until:
+            return None
+        live = {peer: record.round for peer, record in self.membership.live.items()}
+        return partner_to_avoid(self._last_partner, live, round_, self.excluded(), self.settings.max_staleness)
 
     def _could_pair(self, round_: int) -> bool:
         excluded = self.excluded()
@@ -314,6 +329,7 @@ class Gossip:
         return None
 
     def _record_success(self, partner: str, stream: FrameStream, seconds: float) -> None:
+        self._last_partner = partner
         self.metrics.exchanges.labels(result="ok").inc()
         self.metrics.exchange_seconds.observe(seconds)
         self.penalties.forgive(partner)
@@ -409,6 +425,7 @@ class Gossip:
             requesting=self._requesting,
             deadline_passed=time.monotonic() >= self._deadline,
             stopping=self.stopping,
+            avoiding=self._avoiding(self._round),
         )
         if request.sender in self.excluded():
             return "flagged"

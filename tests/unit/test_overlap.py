@@ -189,7 +189,7 @@ class ScriptedGossip:
         self.calls: list[tuple[int, dict, asyncio.Future]] = []
         self.timeouts: list[float] = []  # each call's search deadline
 
-    async def sync_round(self, round_: int, outgoing: dict, timeout: float) -> SyncOutcome:
+    async def sync_round(self, round_: int, outgoing: dict, timeout: float, prefer_new_for: float = 0.0) -> SyncOutcome:
         future = asyncio.get_running_loop().create_future()
         self.calls.append((round_, outgoing, future))
         self.timeouts.append(timeout)
