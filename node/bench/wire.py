@@ -27,18 +27,24 @@ from protocol import codecs
 from node.config import NodeConfig
 from node.table import format_table
 from node.train.data import load_corpus
-from node.train.trainer import Trainer
+from node.train.trainer import PartnerUpdate, Trainer
 
 LINK_NUMEL = 19_210_240  # the 19M model of the WAN measurements (--d-model 512 --n-layers 6 --n-heads 8)
 LINKS_MBIT = (20, 100)
 
 
-def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus) -> tuple[float, float]:
+def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus, overlap: bool = False) -> tuple[float, float]:
     """(mean held-out loss of the nodes' slow weights, their mean drift ‖φ − θ₀‖ / ‖θ₀‖ from the initial
-    weights) after `rounds` paired rounds on `cfg.wire_dtype`."""
+    weights) after `rounds` paired rounds on `cfg.wire_dtype`.
+
+    `overlap`: the eager engine of `overlap on` (protocol/SPEC.md §4.1) with every exchange landing one boundary
+    after it started (m = 1, the case when a transfer takes less than a round): at each boundary the node
+    commits its tensors, lands the previous exchange's correction, takes its local outer step, and the pair's
+    correction lands at the next boundary; the last one lands after the last round, as a stopping node does."""
     trainers = [Trainer(cfg, corpus, shard=i, sampler_seed=seed * 1000 + i) for i in range(nodes)]
     initial = trainers[0].slow_weights.clone()
     pairing = random.Random(seed)
+    pending: list[list[PartnerUpdate]] = [[] for _ in trainers]  # exchanges in flight, landing next boundary
     for _ in range(rounds):
         for trainer in trainers:
             trainer.run_round()
@@ -54,7 +60,14 @@ def run(cfg: NodeConfig, nodes: int, rounds: int, seed: int, corpus) -> tuple[fl
             received = None if j is None else {
                 name: codecs.round_trip(array, cfg.wire_dtype, codecs.reference_for(name, trainers[j].wire_reference))
                 for name, array in sent[j].items()}
-            trainer.apply_outer_step(received)
+            if not overlap:
+                trainer.apply_outer_step(received)
+                continue
+            _, shift = trainer.apply_eager_outer_step(pending[i])
+            pending[i] = [] if received is None else [PartnerUpdate(sent[i], received, lag=1, shift=shift)]
+    for i, trainer in enumerate(trainers):
+        if pending[i]:
+            trainer.apply_late_corrections(pending[i])
     drift = statistics.mean(float((t.slow_weights - initial).norm() / initial.norm()) for t in trainers)
     final, reference = trainers[0].slow_weights.numpy(), codecs.make_reference(initial.numpy())
     errors = ", ".join(
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a small model and 5 rounds of 4 steps: a smoke run")
     parser.add_argument("--drift", action="store_true",
                         help="only the round-trip error against drift from the initial weights (seconds)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="compare the sequential and the overlapped engine (on the first of --dtypes) instead")
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.rounds < 1 or args.inner_steps < 1:
         parser.error("need --nodes >= 2, --rounds >= 1, --inner-steps >= 1")
@@ -104,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{args.nodes} nodes, {rounds} rounds of {inner} inner steps, random perfect matching per round; "
           f"seeds {args.seeds}", flush=True)
+    if args.overlap:
+        return compare_engines(args, model, rounds, inner, corpus)
     losses: dict[str, list[float]] = {dtype: [] for dtype in args.dtypes}
     rows = []
     for seed in args.seeds:
@@ -133,6 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.seeds) > 1 and base is not None:
         spread = statistics.stdev(losses["float32"])
         print(f"\nseed-to-seed spread of float32's loss (stdev): {spread:.4f}")
+    return 0 if all(np.isfinite(v).all() for v in losses.values()) else 1
+
+
+def compare_engines(args, model: dict, rounds: int, inner: int, corpus) -> int:
+    """Sequential against overlapped outer steps, same seeds, pairing and data: held-out loss at equal tokens."""
+    dtype = args.dtypes[0]
+    losses: dict[str, list[float]] = {"sequential": [], "overlap": []}
+    rows = []
+    for seed in args.seeds:
+        cfg = NodeConfig(seed=seed, inner_steps=inner, wire_dtype=dtype, threads=1, **model).validate()
+        for engine in losses:
+            loss, drift = run(cfg, args.nodes, rounds, seed, corpus, overlap=engine == "overlap")
+            losses[engine].append(loss)
+            print(f"seed {seed} {engine}: eval loss {loss:.4f}", flush=True)
+        rows.append({"seed": seed, "sequential": f"{losses['sequential'][-1]:.4f}",
+                     "overlap": f"{losses['overlap'][-1]:.4f}",
+                     "overlap − sequential": f"{losses['overlap'][-1] - losses['sequential'][-1]:+.4f}"})
+    print()
+    print(format_table(rows))
+    differences = [o - s for o, s in zip(losses["overlap"], losses["sequential"])]
+    spread = f" ± {statistics.stdev(differences):.4f} (stdev over seeds)" if len(differences) > 1 else ""
+    print(f"\nwire {dtype}: overlap − sequential held-out loss {statistics.mean(differences):+.4f} nats{spread}")
     return 0 if all(np.isfinite(v).all() for v in losses.values()) else 1
 
 
