@@ -86,7 +86,7 @@ def reference_for(name: str, reference: np.ndarray | None) -> np.ndarray | None:
 def _reference_block(reference: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
     if reference is None:
         return None
-    return (reference[start:stop].astype("<u4") << np.uint32(16)).view("<f4")
+    return decode(reference[start:stop], "bfloat16")  # the reference is bfloat16 (make_reference)
 
 
 def _padded(values: np.ndarray) -> np.ndarray:
